@@ -1,0 +1,256 @@
+"""Training configuration: one dataclass, loaded from YAML and ``--key value`` overrides.
+
+Every field documents its type, default and meaning (TRL style). Unknown keys and bad values
+fail at start with a one-line :class:`ConfigError` instead of deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dpolab.errors import ConfigError
+
+LossType = Literal["sigmoid", "ipo", "hinge"]
+Engine = Literal["dpolab", "trl"]
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one DPO training run needs. Field docs follow ``name (type, default): meaning``."""
+
+    # -- what to train on -------------------------------------------------------------------
+    model: str = field(default="tiny-gpt2", metadata=_doc(
+        "(str, 'tiny-gpt2'): Hub id (e.g. 'gpt2'), a local HF model folder, or a built-in name "
+        "('tiny-gpt2', 'gpt2-124m-random'). It is also the frozen reference model."))
+    dataset: str = field(default="hh-rlhf-sample", metadata=_doc(
+        "(str, 'hh-rlhf-sample'): 'hh-rlhf-sample' (bundled real HH-RLHF harmless-base test split), "
+        "a local *.jsonl / *.jsonl.gz file or folder of them, or the Hub id 'Anthropic/hh-rlhf'."))
+    data_dir: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): subset of the Hub dataset, e.g. 'harmless-base' or 'helpful-base'."))
+    eval_fraction: float = field(default=0.1, metadata=_doc(
+        "(float, 0.1): held-out fraction when the source has a single split (seeded split)."))
+    max_train_pairs: int | None = field(default=None, metadata=_doc(
+        "(int | None, None): keep at most this many training pairs (after the seeded shuffle)."))
+    max_eval_pairs: int | None = field(default=None, metadata=_doc(
+        "(int | None, None): keep at most this many held-out pairs."))
+    skip_bad_rows: bool = field(default=False, metadata=_doc(
+        "(bool, False): count and drop malformed rows instead of failing on the first one."))
+    max_length: int = field(default=512, metadata=_doc(
+        "(int, 512): token budget of prompt + answer (EOS included)."))
+    max_prompt_length: int = field(default=256, metadata=_doc(
+        "(int, 256): the prompt is cut (oldest tokens first) down to this when a pair does not fit."))
+
+    # -- the DPO objective ------------------------------------------------------------------
+    loss_type: LossType = field(default="sigmoid", metadata=_doc(
+        "(str, 'sigmoid'): 'sigmoid' (DPO, Eq. 7), 'ipo' or 'hinge'."))
+    beta: float = field(default=0.1, metadata=_doc(
+        "(float, 0.1): strength of the KL constraint to the reference (IPO: its tau)."))
+    label_smoothing: float = field(default=0.0, metadata=_doc(
+        "(float, 0.0): assumed label-flip probability (conservative DPO); sigmoid loss only, in [0, 0.5)."))
+
+    # -- optimisation -----------------------------------------------------------------------
+    learning_rate: float = field(default=5e-5, metadata=_doc("(float, 5e-5): peak AdamW learning rate."))
+    per_device_train_batch_size: int = field(default=4, metadata=_doc(
+        "(int, 4): preference pairs per device per micro-batch."))
+    per_device_eval_batch_size: int = field(default=8, metadata=_doc("(int, 8): pairs per eval batch."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_doc(
+        "(int, 1): micro-batches per optimizer step."))
+    weight_decay: float = field(default=0.0, metadata=_doc("(float, 0.0): AdamW weight decay."))
+    num_train_epochs: float = field(default=1.0, metadata=_doc("(float, 1.0): passes over the data."))
+    max_steps: int = field(default=-1, metadata=_doc(
+        "(int, -1): stop after this many optimizer steps; overrides epochs when > 0."))
+    warmup_ratio: float = field(default=0.0, metadata=_doc(
+        "(float, 0.0): fraction of steps spent in linear warm-up, in [0, 1)."))
+    lr_scheduler_type: str = field(default="linear", metadata=_doc(
+        "(str, 'linear'): transformers scheduler name ('linear', 'cosine', 'constant', ...)."))
+    max_grad_norm: float = field(default=1.0, metadata=_doc("(float, 1.0): gradient clipping norm."))
+    seed: int = field(default=42, metadata=_doc("(int, 42): seeds data split, shuffling and training."))
+
+    # -- logging, eval, checkpoints ---------------------------------------------------------
+    logging_steps: int = field(default=10, metadata=_doc("(int, 10): optimizer steps between train logs."))
+    eval_steps: int | None = field(default=None, metadata=_doc(
+        "(int | None, None): optimizer steps between evaluations; None evaluates once per epoch."))
+    save_steps: int | None = field(default=None, metadata=_doc(
+        "(int | None, None): optimizer steps between checkpoints (for --resume); None saves per epoch."))
+    save_total_limit: int = field(default=2, metadata=_doc("(int, 2): checkpoints kept on disk."))
+    report_to: list[str] = field(default_factory=list, metadata=_doc(
+        "(list[str], []): extra trackers: 'wandb', 'mlflow', 'tensorboard', 'trackio'. The local run "
+        "folder records are always written."))
+    run_name: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): display name for trackers; defaults to the run folder name."))
+
+    # -- hardware ---------------------------------------------------------------------------
+    engine: Engine = field(default="dpolab", metadata=_doc(
+        "(str, 'dpolab'): 'dpolab' (fast engine) or 'trl' (TRL's DPOTrainer on the same data)."))
+    device: str = field(default="auto", metadata=_doc("(str, 'auto'): 'auto', 'cuda', 'mps' or 'cpu'."))
+    dtype: str = field(default="auto", metadata=_doc(
+        "(str, 'auto'): 'auto' (bf16 where supported, else fp32), 'bf16', 'fp16' or 'fp32'."))
+    num_threads: int | None = field(default=None, metadata=_doc(
+        "(int | None, None): CPU threads for torch; None keeps torch's default."))
+    logps_chunk_size: int = field(default=128, metadata=_doc(
+        "(int, 128): answer tokens per LM-head chunk; bounds the (chunk, vocab) logits in memory."))
+    cache_dir: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): tokenized-data and reference log-prob cache; default $DPOLAB_CACHE or "
+        "~/.cache/dpolab."))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+        positive = ["max_length", "max_prompt_length", "per_device_train_batch_size",
+                    "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+                    "logps_chunk_size"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError("label_smoothing is only defined for loss_type 'sigmoid'")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+        for name in ("eval_steps", "save_steps", "max_train_pairs", "max_eval_pairs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0 or null, got {value!r}")
+        if self.device not in ("auto", "cuda", "mps", "cpu"):
+            raise ConfigError(f"device must be auto, cuda, mps or cpu, got {self.device!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        known_trackers = {"wandb", "mlflow", "tensorboard", "trackio"}
+        for tracker in self.report_to:
+            if tracker not in known_trackers:
+                raise ConfigError(f"report_to: unknown tracker {tracker!r} (known: {sorted(known_trackers)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build a config, coercing YAML/CLI values to each field's type. Unknown keys fail."""
+        hints = typing.get_type_hints(cls)
+        known = set(cls.field_names())
+        coerced: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                close = [k for k in known if key.replace("-", "_") == k or key in k]
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+            coerced[key] = _coerce(key, value, hints[key], source)
+        return cls(**coerced)
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the annotated type of field ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v and v != "none"]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """Turn ``['--beta', '0.2', '--loss-type=ipo']`` into ``{'beta': '0.2', 'loss_type': 'ipo'}``."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {token!r}")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"command line: --{key} needs a value")
+            value = tokens[i + 1]
+            i += 2
+        overrides[key.replace("-", "_")] = value
+    return overrides
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (optional) + overrides -> validated :class:`TrainConfig`."""
+    values: dict[str, Any] = read_yaml(path) if path else {}
+    values.update(overrides or {})
+    return TrainConfig.from_dict(values, source=str(path) if path else "config")
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

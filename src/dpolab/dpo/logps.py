@@ -1,0 +1,161 @@
+"""Sequence log-probabilities of answers, computing the LM head only where it is needed.
+
+A causal LM's head turns every position into a vocabulary-sized row of logits: (B, T, V) =
+4 x 512 x 50,257 floats = 400 MB for one small batch, almost all of it for prompt and padding
+positions whose log-probs DPO never uses. Here the transformer body runs as usual, then the
+head is applied only at answer-token positions, in chunks of ``chunk_size`` tokens, by a custom
+autograd function that keeps no logits for backward (it recomputes one chunk at a time). Peak
+extra memory is (chunk_size, V) instead of (B, T, V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+
+class _AnswerTokenLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row, chunked; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+        # hidden (N, H), weight (V, H), targets (N,)
+        n_tokens = hidden.shape[0]
+        token_logps = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
+        logsumexp = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
+        weight_c = weight.to(compute_dtype)
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            logits = (hidden[start:end].to(compute_dtype) @ weight_c.T).float()  # (n, V)
+            logsumexp[start:end] = torch.logsumexp(logits, dim=-1)
+            token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
+        ctx.save_for_backward(hidden, weight, targets, logsumexp)
+        ctx.chunk_size = chunk_size
+        ctx.compute_dtype = compute_dtype
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_token_logps):  # (N,)
+        hidden, weight, targets, logsumexp = ctx.saved_tensors
+        weight_c = weight.to(ctx.compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            hidden_c = hidden[start:end].to(ctx.compute_dtype)  # (n, H)
+            logits = (hidden_c @ weight_c.T).float()  # (n, V)
+            # d log p[target] / d logits = onehot(target) - softmax(logits)
+            grad_logits = (logits - logsumexp[start:end, None]).exp_().mul_(-grad_token_logps[start:end, None])
+            rows = torch.arange(end - start, device=hidden.device)
+            grad_logits[rows, targets[start:end]] += grad_token_logps[start:end]
+            grad_logits = grad_logits.to(ctx.compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)  # (n, H)
+            grad_weight.addmm_(grad_logits.T.float(), hidden_c.float())  # (V, H)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def answer_token_logps(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128
+) -> torch.Tensor:
+    """Log-prob of each target token given its hidden state.
+
+    Args:
+        hidden: (N, H) final hidden states at the positions *before* each target token.
+        lm_head_weight: (V, H) output embedding.
+        targets: (N,) token ids.
+        chunk_size: tokens per chunk; 128 x 50,257 fp32 logits = 26 MB, small enough for the
+            allocator to reuse instead of mapping fresh pages each time.
+
+    Returns: (N,) float32 log-probs.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = hidden.dtype
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _AnswerTokenLogProbs.apply(hidden, lm_head_weight, targets, chunk_size, compute_dtype)
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_mask: torch.Tensor,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    """Summed log-prob of the answer tokens of each sequence.
+
+    Args:
+        model: a causal LM (possibly wrapped by DDP: we call its own forward so gradient
+            synchronisation hooks run).
+        input_ids: (S, T) prompt + answer token ids, right-padded.
+        attention_mask: (S, T) 1 for real tokens.
+        answer_mask: (S, T) 1 at answer tokens (the ones we score), 0 at prompt and padding.
+
+    Returns: (S,) float32 sum over answer tokens of log pi(token | tokens before it).
+    """
+    # logits_to_keep=1: the model's own head runs on one position only; we take the final
+    # hidden states and apply the head at answer positions ourselves.
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    logits_to_keep=1, use_cache=False)
+    hidden = outputs.hidden_states[-1]  # (S, T, H), after the final layer norm
+    target_mask = answer_mask[:, 1:].bool()  # (S, T-1): token t is predicted at position t-1
+    rows = target_mask.nonzero(as_tuple=True)[0]  # (N,) which sequence each answer token is in
+    answer_hidden = hidden[:, :-1][target_mask]  # (N, H)
+    targets = input_ids[:, 1:][target_mask]  # (N,)
+    lm_head = _unwrap(model).get_output_embeddings().weight  # (V, H)
+    token_logps = answer_token_logps(answer_hidden, lm_head, targets, chunk_size)  # (N,)
+    return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(
+        0, rows, token_logps)
+
+
+def concatenated_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy log-probs of chosen and rejected answers from ONE forward pass.
+
+    The collator stacks the B chosen sequences on top of the B rejected ones: one (2B, T) pass
+    instead of two (B, T) passes uses the hardware better and, under FSDP/DDP, triggers one
+    parameter gather / gradient sync instead of two.
+
+    Returns: chosen_logps (B,), rejected_logps (B,).
+    """
+    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["answer_mask"], chunk_size)
+    return logps.chunk(2)
+
+
+def _unwrap(model: torch.nn.Module) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads a list of tokenized pairs into one batch of 2B sequences (chosen first, then rejected).
+
+    Each example has ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (already truncated to the
+    budget, EOS included) and optionally ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences, answer_masks = [], []
+        for answer_key in ("chosen_ids", "rejected_ids"):
+            for example in examples:
+                prompt, answer = list(example["prompt_ids"]), list(example[answer_key])
+                sequences.append(torch.tensor(prompt + answer, dtype=torch.long))
+                answer_masks.append(torch.tensor([0] * len(prompt) + [1] * len(answer), dtype=torch.long))
+        batch = {
+            "input_ids": pad_sequence(sequences, batch_first=True, padding_value=self.pad_token_id),  # (2B, T)
+            "attention_mask": pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True),  # (2B, T)
+            "answer_mask": pad_sequence(answer_masks, batch_first=True),  # (2B, T)
+        }
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # (B,)
+            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # (B,)
+        return batch

@@ -1,0 +1,104 @@
+"""Models and tokenizer: built-in GPT-2-architecture models, local folders and Hub ids.
+
+No GPT-2 weights exist offline, so the built-ins are GPT-2 architectures with a *seeded* random
+init and the real GPT-2 tokenizer (shipped as package data). ``gpt2`` or any Hub id goes
+through the exact same ``from_pretrained`` path when the network is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_SEED = 0  # the built-ins are the same weights on every machine, every run
+BUILTIN_MODELS: dict[str, dict[str, int]] = {
+    # 3.4M parameters, 3.2M of them the (tied) 50,257 x 64 embedding: the LM head dominates
+    # its compute, which makes it a sharp test of answer-only log-probs.
+    "tiny-gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024},
+    # The GPT-2 124M architecture: same compute cost as real GPT-2, for speed benchmarks.
+    "gpt2-124m-random": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
+}
+
+
+def tokenizer_dir() -> Path:
+    """Folder of the bundled real GPT-2 tokenizer (vocab 50,257; <|endoftext|> = 50256)."""
+    return Path(str(resources.files("dpolab") / "resources" / "gpt2-tokenizer"))
+
+
+def load_tokenizer(model_name: str):
+    """Tokenizer for ``model_name``. GPT-2 has no pad token: reuse EOS as pad rather than growing
+    the vocabulary (padding positions are masked out everywhere, so the id never matters)."""
+    source = str(tokenizer_dir()) if model_name in BUILTIN_MODELS else model_name
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_builtin(name: str) -> GPT2LMHeadModel:
+    """A GPT-2-architecture model with a seeded random init, identical on every call."""
+    config = GPT2Config(vocab_size=50257, bos_token_id=50256, eos_token_id=50256, **BUILTIN_MODELS[name])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILTIN_SEED)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = 50256
+    return model
+
+
+def load_model(model_name: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM from a built-in name, a local HF folder or a Hub id (``gpt2``)."""
+    if model_name in BUILTIN_MODELS:
+        model = build_builtin(model_name)
+        return model.to(dtype) if dtype is not None else model
+    if Path(model_name).exists() and not (Path(model_name) / "config.json").is_file():
+        from dpolab.errors import ConfigError
+
+        raise ConfigError(f"model: {model_name} is a folder but has no config.json (not an HF model folder)")
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype or torch.float32)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares the policy with its own frozen start: dropout noise would make the first step's
+    loss differ from ln 2 and add variance to every log-ratio (TRL does the same by default)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bf16 on a GPU that supports it, else fp32 (CPU bf16 autocast is slower here)."""
+    if dtype != "auto":
+        return dtype
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer: the key of the reference log-prob cache."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,236 @@
+"""The run folder contract: the one module that knows where each record lives.
+
+Training writes a *run folder*; a sweep writes a *sweep folder* whose trials are run folders.
+The sweep, report, export and web app read them only through this module. Layout and every
+file's schema: ``docs/run-folder.md``. Bump ``RUN_FORMAT`` / ``SWEEP_FORMAT`` on any
+incompatible change.
+
+    runs/my-run/
+      run.json           {"format": "dpolab.run/1", "name", "engine", "base_model", "dataset", ...}
+      config.yaml        resolved TrainConfig
+      data_report.json   rows read / kept / dropped per reason, per split
+      metrics.jsonl      one JSON object per train log or eval (split = "train" | "eval")
+      system.jsonl       system samples (CPU %, RSS, GPU W/J/util/mem when present)
+      summary.json       final train + eval metrics, wall time, pairs/s
+      model/             final model in HF format (safetensors, tokenizer, generation config)
+      checkpoints/       Trainer checkpoints for --resume
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpolab.errors import RunFolderError
+
+RUN_FORMAT = "dpolab.run/1"
+SWEEP_FORMAT = "dpolab.sweep/1"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    # One write() of one line: appends from one process never interleave.
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A run killed mid-write may leave one torn last line; everything before it is good.
+                break
+    return rows
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One training run's records. Create with :meth:`create`, read with :meth:`open`."""
+
+    path: Path
+
+    run_json = property(lambda self: self.path / "run.json")
+    config_path = property(lambda self: self.path / "config.yaml")
+    data_report_path = property(lambda self: self.path / "data_report.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    system_path = property(lambda self: self.path / "system.jsonl")
+    summary_path = property(lambda self: self.path / "summary.json")
+    model_dir = property(lambda self: self.path / "model")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+
+    @classmethod
+    def create(cls, path: str | Path, info: dict[str, Any]) -> RunFolder:
+        """Make (or reuse, for --resume) a run folder and write ``run.json``."""
+        run = cls(Path(path))
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_json(run.run_json, {"format": RUN_FORMAT, "name": run.path.name, **info})
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunFolder:
+        run = cls(Path(path))
+        info = read_json(run.run_json) if run.run_json.exists() else None
+        if not info or info.get("format") != RUN_FORMAT:
+            raise RunFolderError(f"{run.path}: not a dpolab run folder (no run.json with format {RUN_FORMAT})")
+        return run
+
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        return (Path(path) / "run.json").is_file()
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.run_json)
+
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.config_path.read_text())
+
+    def data_report(self) -> dict[str, Any]:
+        return read_json(self.data_report_path)
+
+    def metrics(self, split: str | None = None) -> list[dict[str, Any]]:
+        rows = read_jsonl(self.metrics_path)
+        return [r for r in rows if split is None or r.get("split") == split]
+
+    def system(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.system_path)
+
+    def summary(self) -> dict[str, Any]:
+        return read_json(self.summary_path)
+
+    def has_model(self) -> bool:
+        return (self.model_dir / "config.json").is_file()
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.metrics_path, row)
+
+    def append_system(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.system_path, row)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.summary_path, {"format": RUN_FORMAT, **summary})
+
+    def write_data_report(self, report: dict[str, Any]) -> None:
+        write_json(self.data_report_path, report)
+
+
+@dataclass(frozen=True)
+class SweepFolder:
+    """A sweep: ``sweep.json``, ``study.db`` (Optuna, SQLite default), ``trials/<name>/`` run
+    folders, and ``best.json`` naming the best trial and the stable path of its model."""
+
+    path: Path
+
+    sweep_json = property(lambda self: self.path / "sweep.json")
+    trials_dir = property(lambda self: self.path / "trials")
+    best_json = property(lambda self: self.path / "best.json")
+    study_db = property(lambda self: self.path / "study.db")
+    report_dir = property(lambda self: self.path / "report")
+
+    @classmethod
+    def create(cls, path: str | Path, info: dict[str, Any]) -> SweepFolder:
+        sweep = cls(Path(path))
+        sweep.trials_dir.mkdir(parents=True, exist_ok=True)
+        write_json(sweep.sweep_json, {"format": SWEEP_FORMAT, "name": sweep.path.name, **info})
+        return sweep
+
+    @classmethod
+    def open(cls, path: str | Path) -> SweepFolder:
+        sweep = cls(Path(path))
+        info = read_json(sweep.sweep_json) if sweep.sweep_json.exists() else None
+        if not info or info.get("format") != SWEEP_FORMAT:
+            raise RunFolderError(f"{sweep.path}: not a dpolab sweep folder (no sweep.json with format {SWEEP_FORMAT})")
+        return sweep
+
+    @staticmethod
+    def is_sweep(path: str | Path) -> bool:
+        return (Path(path) / "sweep.json").is_file()
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.sweep_json)
+
+    def trial_dir(self, name: str) -> Path:
+        return self.trials_dir / name
+
+    def trials(self) -> list[RunFolder]:
+        """Trial run folders that finished (have a summary), in name order."""
+        if not self.trials_dir.is_dir():
+            return []
+        return [RunFolder(p) for p in sorted(self.trials_dir.iterdir())
+                if RunFolder.is_run(p) and (p / "summary.json").is_file()]
+
+    def best(self) -> dict[str, Any]:
+        return read_json(self.best_json)
+
+    def best_run(self) -> RunFolder:
+        return RunFolder.open(self.path / self.best()["run_dir"])
+
+    def write_best(self, best: dict[str, Any]) -> None:
+        write_json(self.best_json, {"format": SWEEP_FORMAT, **best})
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """An HF model folder (an export, or a run's ``model/``)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def resolve_run(path: str | Path) -> RunFolder:
+    """The run behind a run or sweep folder (a sweep's best trial)."""
+    path = Path(path)
+    if SweepFolder.is_sweep(path):
+        sweep = SweepFolder.open(path)
+        if not sweep.best_json.exists():
+            raise RunFolderError(f"{path}: sweep has no best.json yet (no trial finished)")
+        return sweep.best_run()
+    return RunFolder.open(path)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The HF model folder behind a run folder, a sweep folder (its best trial) or an export."""
+    path = Path(path)
+    if SweepFolder.is_sweep(path) or RunFolder.is_run(path):
+        run = resolve_run(path)
+        if not run.has_model():
+            raise RunFolderError(f"{run.path}: run has no final model yet (training unfinished?)")
+        return run.model_dir
+    if is_model_folder(path):
+        return path
+    raise RunFolderError(f"{path}: not a dpolab run, sweep or model folder")
+
+
+def latest_result(root: str | Path = "runs") -> Path | None:
+    """The most recently finished run or sweep under ``root`` (what `dpolab serve` shows by default)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = []
+    for child in root.iterdir():
+        if SweepFolder.is_sweep(child) and (child / "best.json").exists():
+            candidates.append((child / "best.json").stat().st_mtime, child)
+        elif RunFolder.is_run(child) and (child / "summary.json").exists():
+            candidates.append((child / "summary.json").stat().st_mtime, child)
+    return max(candidates)[1] if candidates else None
