@@ -76,6 +76,8 @@ class TrainConfig:
         "(str, 'linear'): transformers scheduler name ('linear', 'cosine', 'constant', ...)."))
     max_grad_norm: float = field(default=1.0, metadata=_doc("(float, 1.0): gradient clipping norm."))
     seed: int = field(default=42, metadata=_doc("(int, 42): seeds data split, shuffling and training."))
+    group_by_length: bool = field(default=True, metadata=_doc(
+        "(bool, True): batch pairs of similar length together to cut padding; False = plain shuffle."))
 
     # -- logging, eval, checkpoints ---------------------------------------------------------
     logging_steps: int = field(default=10, metadata=_doc("(int, 10): optimizer steps between train logs."))

@@ -1,0 +1,89 @@
+"""Reference log-probs: computed once with the frozen starting model, before training, and cached.
+
+The reference never changes, so running it at every step (TRL's default) doubles the forward
+work and keeps a second model in memory. We score every pair once, store the two numbers per pair
+on disk keyed by (reference weights, tokenized data), and train while holding ONE model. A second
+run on the same data and reference - every trial of a sweep - reads the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from tqdm.auto import tqdm
+
+from dpolab.dpo.logps import PreferenceCollator, concatenated_forward
+from dpolab.model import weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: torch.nn.Module, dataset, pad_token_id: int, batch_size: int, chunk_size: int, desc: str = "reference"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (N,), rejected (N,)) summed answer log-probs under ``model``, in dataset order.
+
+    Pairs are scored in order of length so each batch pads little, then put back in place.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = dataset["length"]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    collate = PreferenceCollator(pad_token_id)
+    columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    chosen = torch.empty(len(order), dtype=torch.float32)
+    rejected = torch.empty(len(order), dtype=torch.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc=f"{desc} log-probs", unit="batch"):
+        indices = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([columns[i] for i in indices]).items()}
+        chosen_logps, rejected_logps = concatenated_forward(model, batch, chunk_size)
+        chosen[indices] = chosen_logps.float().cpu()
+        rejected[indices] = rejected_logps.float().cpu()
+    model.train(was_training)
+    return chosen, rejected
+
+
+def add_reference_logps(
+    model: torch.nn.Module,
+    datasets: DatasetDict,
+    data_key: str,
+    cache_dir: Path,
+    pad_token_id: int,
+    batch_size: int,
+    chunk_size: int,
+) -> tuple[DatasetDict, dict[str, object]]:
+    """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when possible.
+
+    Returns the datasets and ``{"reference_cache": "hit"|"miss", "reference_time_s": float,
+    "reference_key": str}`` for the run summary.
+    """
+    key = f"{weights_fingerprint(model)}-{data_key}"
+    path = cache_dir / "reference" / f"{key}.pt"
+    start = time.perf_counter()
+    if path.exists():
+        cached = torch.load(path)
+        status = "hit"
+        logger.info("reference log-probs: cache hit %s (reference pass skipped)", path)
+    else:
+        logger.info("reference log-probs: computing once with the frozen reference (cache miss)")
+        cached = {split: compute_reference_logps(model, ds, pad_token_id, batch_size, chunk_size, desc=split)
+                  for split, ds in datasets.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(cached, tmp)
+        os.replace(tmp, path)  # atomic: parallel sweep workers may race here
+        status = "miss"
+    elapsed = time.perf_counter() - start
+    out = DatasetDict({
+        split: ds.add_column("ref_chosen_logps", cached[split][0].tolist())
+                 .add_column("ref_rejected_logps", cached[split][1].tolist())
+        for split, ds in datasets.items()
+    })
+    return out, {"reference_cache": status, "reference_time_s": round(elapsed, 3), "reference_key": key}
