@@ -1,0 +1,272 @@
+"""The model card: YAML metadata the Hub indexes plus a body a reader can act on.
+
+Everything comes from the run records (``run.json``, ``config.yaml``, ``data_report.json``,
+``summary.json``) and, for a sweep, ``sweep.json`` / ``best.json`` / ``report/``. Nothing here reads
+the clock or the environment, so the same records always give the same card, byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from dpolab.errors import RunFolderError
+from dpolab.model import BUILTIN_MODELS
+from dpolab.runs import RunFolder, SweepFolder
+
+HH_RLHF = "Anthropic/hh-rlhf"
+# Dataset sources that are HH-RLHF: the bundled sample is HH-RLHF's harmless-base test split.
+HH_RLHF_SOURCES = {"hh-rlhf-sample": "harmless-base", HH_RLHF: None}
+TAGS = ["dpo", "gpt2", "rlhf", "dpolab"]
+PROMPT_FORMAT = "\n\nHuman: {message}\n\nAssistant:"
+STOP_SEQUENCE = "\n\nHuman:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# (config key, label) in the order the hyperparameter table shows them.
+HYPERPARAMETERS = [
+    ("loss_type", "loss type"), ("beta", "beta"), ("label_smoothing", "label smoothing"),
+    ("learning_rate", "learning rate"), ("lr_scheduler_type", "LR schedule"), ("warmup_ratio", "warm-up ratio"),
+    ("per_device_train_batch_size", "batch size (pairs per device)"),
+    ("gradient_accumulation_steps", "gradient accumulation steps"), ("weight_decay", "weight decay"),
+    ("num_train_epochs", "epochs"), ("max_steps", "max steps"), ("max_grad_norm", "max grad norm"),
+    ("max_length", "max length (tokens)"), ("max_prompt_length", "max prompt length (tokens)"),
+    ("max_train_pairs", "max train pairs"), ("max_eval_pairs", "max eval pairs"),
+    ("dtype", "dtype"), ("seed", "seed"),
+]
+# (summary["eval"] key, metric_type, metric_name) for the model-index.
+EVAL_METRICS = [
+    ("loss", "loss", "DPO eval loss"),
+    ("rewards/accuracies", "accuracy", "Reward accuracy (chosen reward > rejected)"),
+    ("rewards/margins", "reward_margin", "Reward margin (chosen - rejected)"),
+]
+
+
+def is_hub_model_id(name: str) -> bool:
+    """True for a Hub id (``gpt2``, ``openai-community/gpt2``); False for a dpolab built-in (random
+    init, not on the Hub) or a local folder, which must not become ``base_model`` metadata."""
+    return name not in BUILTIN_MODELS and not Path(name).exists() and bool(HUB_ID.match(name))
+
+
+def win_rate(summary: dict[str, Any]) -> float | None:
+    """The generation eval's win rate when one was measured: ``summary["win_rate"]`` or
+    ``summary["eval"]["win_rate"]``, a number or a dict holding ``win_rate``/``value``."""
+    value = summary.get("win_rate", (summary.get("eval") or {}).get("win_rate"))
+    if isinstance(value, dict):
+        value = value.get("win_rate", value.get("value"))
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _optional(read, default=None):
+    try:
+        return read()
+    except (RunFolderError, FileNotFoundError):
+        return default
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def eval_results(run: RunFolder) -> tuple[list[EvalResult], dict[str, float]]:
+    """model-index entries and the plain {metric_type: value} they hold (what tests compare)."""
+    info, summary = run.info(), run.summary()
+    dataset = info.get("dataset", "")
+    hh = dataset in HH_RLHF_SOURCES
+    common = {
+        "task_type": "text-generation",
+        "task_name": "Preference modelling (DPO implicit reward)",
+        "dataset_type": HH_RLHF if hh else dataset,
+        "dataset_name": "HH-RLHF held-out preference pairs" if hh else f"{dataset} held-out preference pairs",
+        "dataset_config": info.get("data_dir") or HH_RLHF_SOURCES.get(dataset),
+        "dataset_split": "eval",
+    }
+    values: dict[str, float] = {}
+    results = []
+    for key, metric_type, metric_name in EVAL_METRICS:
+        value = (summary.get("eval") or {}).get(key)
+        if isinstance(value, int | float):
+            values[metric_type] = float(value)
+            results.append(EvalResult(metric_type=metric_type, metric_name=metric_name,
+                                      metric_value=float(value), **common))
+    rate = win_rate(summary)
+    if rate is not None:
+        values["win_rate"] = rate
+        results.append(EvalResult(metric_type="win_rate", metric_name="Win rate (generation eval)",
+                                  metric_value=rate, **{**common, "task_name": "Generation win rate"}))
+    return results, values
+
+
+def card_data(run: RunFolder) -> ModelCardData:
+    info = run.info()
+    base, dataset = info.get("base_model", ""), info.get("dataset", "")
+    results, _ = eval_results(run)
+    return ModelCardData(
+        language="en",
+        license="mit",
+        library_name="transformers",
+        # Only a real Hub id: the Hub links base_model to that repo, and a built-in is not one.
+        base_model=base if is_hub_model_id(base) else None,
+        datasets=[HH_RLHF] if dataset in HH_RLHF_SOURCES else None,
+        tags=TAGS,
+        pipeline_tag="text-generation",
+        model_name=info.get("name", run.path.name),
+        eval_results=results or None,
+        # The run record verbatim, whatever kind of base it was (built-in, Hub id or folder).
+        dpolab_base_model=base,
+    )
+
+
+def _base_model_text(base: str) -> str:
+    if base in BUILTIN_MODELS:
+        shape = BUILTIN_MODELS[base]
+        return (f"`{base}`, a dpolab built-in: the GPT-2 architecture (n_layer={shape['n_layer']}, "
+                f"n_embd={shape['n_embd']}, n_head={shape['n_head']}) with a **seeded random initialisation** "
+                "and the real GPT-2 tokenizer. It is *not* pretrained GPT-2, so expect little fluency: such "
+                "models exist to test the training pipeline end to end.")
+    if is_hub_model_id(base):
+        return f"[`{base}`](https://huggingface.co/{base}) (also the frozen DPO reference model)."
+    return f"`{base}`, a local model folder (also the frozen DPO reference model)."
+
+
+def _dataset_text(info: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
+    dataset = info.get("dataset", "")
+    if dataset == "hh-rlhf-sample":
+        lines = [f"Data: the HH-RLHF harmless-base test split bundled with dpolab ([{HH_RLHF}]"
+                 f"(https://huggingface.co/datasets/{HH_RLHF})), split into train and held-out pairs."]
+    elif dataset == HH_RLHF:
+        subset = info.get("data_dir") or "all subsets"
+        lines = [f"Data: [{HH_RLHF}](https://huggingface.co/datasets/{HH_RLHF}) ({subset})."]
+    else:
+        lines = [f"Data: `{dataset}` (local preference pairs in the HH-RLHF format)."]
+    if report:
+        kept = report.get("kept") or {}
+        dropped = report.get("dropped") or {}
+        truncated = report.get("truncated") or {}
+        lines += ["", "| data report | |", "|---|---|", f"| rows read | {report.get('rows_read', '—')} |"]
+        lines += [f"| pairs kept ({split}) | {n} |" for split, n in kept.items()]
+        lines += [f"| pairs dropped ({reason.replace('_', ' ')}) | {n} |" for reason, n in dropped.items()]
+        lines += [f"| pairs truncated ({part}) | {n} |" for part, n in truncated.items()]
+    return lines
+
+
+def _sweep_table(sweep: SweepFolder) -> str:
+    """``report/table.md`` from ``dpolab report`` when it exists, else a table from the trial records."""
+    report_table = sweep.report_dir / "table.md"
+    if report_table.is_file():
+        return report_table.read_text().strip()
+    best = _optional(sweep.best, {}).get("trial")
+    rows = ["| trial | loss type | beta | learning rate | eval loss | reward acc. | reward margin |",
+            "|---|---|---|---|---|---|---|"]
+    for trial in sweep.trials():
+        config, ev = trial.config(), trial.summary().get("eval") or {}
+        name = f"**{trial.path.name}** (best)" if trial.path.name == best else trial.path.name
+        rows.append(f"| {name} | {config.get('loss_type')} | {_fmt(config.get('beta'))} | "
+                    f"{_fmt(config.get('learning_rate'))} | {_fmt(ev.get('loss'))} | "
+                    f"{_fmt(ev.get('rewards/accuracies'))} | {_fmt(ev.get('rewards/margins'))} |")
+    return "\n".join(rows)
+
+
+def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_id: str | None) -> str:
+    info, config, summary = run.info(), run.config(), run.summary()
+    report = _optional(run.data_report)
+    name = info.get("name", run.path.name)
+    model_ref = repo_id or "USER/NAME"
+    _, metrics = eval_results(run)
+    out: list[str] = [f"# {name}", ""]
+    out += [
+        "A GPT-2-architecture causal language model fine-tuned with **Direct Preference Optimization "
+        "(DPO)** on Anthropic's HH-RLHF human preference pairs (helpfulness / harmlessness), trained with "
+        "dpolab.", "",
+        f"- Base model: {_base_model_text(info.get('base_model', ''))}",
+        f"- Training engine: `{info.get('engine', 'dpolab')}`" + (
+            f", dpolab {info['dpolab_version']}" if info.get("dpolab_version") else ""),
+    ]
+    if sweep is not None:
+        best = _optional(sweep.best, {})
+        out.append(f"- Chosen as the best trial (`{best.get('trial', name)}`) of the sweep "
+                   f"`{sweep.info().get('name', sweep.path.name)}` by {best.get('objective', 'its objective')}.")
+    out += ["", "## Prompt format", "",
+            "The model continues a dialogue in HH-RLHF's format; end the prompt with the assistant tag:", "",
+            "```text", "\\n\\nHuman: {your message}\\n\\nAssistant:", "```", "",
+            "Multi-turn prompts repeat `\\n\\nHuman: ...\\n\\nAssistant: ...`. Stop generation at the next "
+            "`\\n\\nHuman:` turn (`stop_sequence` below): the model may otherwise write the user's next "
+            "turn itself.", ""]
+    out += ["## Evaluation", "", "On the held-out preference pairs, after training:", "",
+            "| metric | value |", "|---|---|"]
+    labels = {"loss": "DPO eval loss", "accuracy": "reward accuracy", "reward_margin": "reward margin",
+              "win_rate": "win rate (generation eval)"}
+    out += [f"| {labels[key]} | {value:.4f} |" for key, value in metrics.items()]
+    if "win_rate" not in metrics:
+        out.append("\nNo generation win rate was measured for this run.")
+    out += ["", "Reward accuracy is the fraction of pairs whose implicit reward "
+            "beta * log(pi(y|x) / pi_ref(y|x)) ranks the chosen answer above the rejected one; the margin is "
+            "the mean reward gap.", ""]
+    out += ["## Training procedure", "",
+            f"DPO (Rafailov et al., 2023) with loss type `{config.get('loss_type')}` and beta = "
+            f"{_fmt(config.get('beta'))}: the policy is trained directly on preference pairs, with the frozen "
+            "base model as the reference; no reward model and no RL loop. The loss is computed on answer "
+            "tokens only.", ""]
+    out += _dataset_text(info, report)
+    out += ["", "### Hyperparameters", "", "| hyperparameter | value |", "|---|---|"]
+    out += [f"| {label} | {_fmt(config[key])} |" for key, label in HYPERPARAMETERS if key in config]
+    train = summary.get("train") or {}
+    if train.get("steps") is not None:
+        out.append(f"| optimizer steps run | {train['steps']} |")
+    if sweep is not None:
+        out += ["", "## Sweep", "", _sweep_table(sweep)]
+    if plots:
+        out += ["", "## Plots", ""]
+        out += [f"![{Path(p).stem}]({p})" for p in plots]
+    out += ["", "## Usage", "", "With transformers:", "", "```python", "from transformers import pipeline", "",
+            f'generator = pipeline("text-generation", model="{model_ref}")',
+            'prompt = "\\n\\nHuman: How do I make a cup of tea?\\n\\nAssistant:"',
+            f'out = generator(prompt, max_new_tokens=128, stop_sequence="{STOP_SEQUENCE.encode("unicode_escape").decode()}",'
+            " return_full_text=False)",
+            'print(out[0]["generated_text"])', "```", "",
+            "The generation config samples (temperature 0.7, top-p 0.9) and uses `<|endoftext|>` as both EOS "
+            "and padding. The stop at the next Human turn is a call argument, not part of "
+            "`generation_config.json`, because transformers refuses stop strings in a saved generation "
+            "config unless every caller also passes the tokenizer.", "",
+            "In dpolab's chat web app:", "", "```bash", f"dpolab serve {model_ref}", "```", ""]
+    out += ["## Intended use and limitations", "",
+            "- A small **research** model for studying preference optimisation, not an assistant for real use.",
+            "- It was trained on HH-RLHF, whose dialogues include harmful requests (red-teaming data). The "
+            "model **can produce harmful, offensive, false or biased text**, and preference training does not "
+            "make it safe. Do not deploy it to users without your own safety measures.",
+            "- English only; the GPT-2 context window is 1024 tokens and the model was trained on "
+            f"{_fmt(config.get('max_length'))}-token pairs.",
+            "- The evaluation above measures agreement with held-out human preferences, not helpfulness or "
+            "safety of generated text.", ""]
+    out += ["## Citation", "", "```bibtex",
+            "@inproceedings{rafailov2023direct,",
+            "  title     = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},",
+            "  author    = {Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Ermon, Stefano and "
+            "Manning, Christopher D. and Finn, Chelsea},",
+            "  booktitle = {Advances in Neural Information Processing Systems},",
+            "  year      = {2023},",
+            "  url       = {https://arxiv.org/abs/2305.18290}",
+            "}", "",
+            "@article{bai2022training,",
+            "  title   = {Training a Helpful and Harmless Assistant with Reinforcement Learning from Human "
+            "Feedback},",
+            "  author  = {Bai, Yuntao and Jones, Andy and Ndousse, Kamal and others},",
+            "  journal = {arXiv preprint arXiv:2204.05862},",
+            "  year    = {2022},",
+            "  url     = {https://arxiv.org/abs/2204.05862}",
+            "}", "```", ""]
+    return "\n".join(out)
+
+
+def build_card(run: RunFolder, sweep: SweepFolder | None = None, plots: list[str] | None = None,
+               repo_id: str | None = None) -> ModelCard:
+    """The card for ``run``; ``plots`` are paths relative to the export folder; ``repo_id`` only
+    fills the usage snippets."""
+    data = card_data(run)
+    # to_yaml keeps ModelCardData's fixed field order: the metadata block is the same every time.
+    content = f"---\n{data.to_yaml()}\n---\n\n{card_body(run, sweep, plots or [], repo_id)}"
+    return ModelCard(content)

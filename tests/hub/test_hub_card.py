@@ -1,0 +1,74 @@
+"""The model card: parses with ModelCard.load and says what the run records say."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import ModelCard
+
+from dpolab.hub.card import build_card, card_data, is_hub_model_id, win_rate
+from dpolab.runs import resolve_run
+
+
+def test_card_metadata_matches_the_run_records(sweep_export, hub_sweep):
+    """Acceptance 2: base_model, datasets and eval results equal the best trial's records."""
+    run = resolve_run(hub_sweep.path)
+    info, summary = run.info(), run.summary()
+    card = ModelCard.load(sweep_export.out_dir / "README.md")
+    data = card.data
+
+    # tiny-gpt2 is a built-in (random init, not on the Hub): no Hub base_model link, the record verbatim.
+    assert info["base_model"] == "tiny-gpt2"
+    assert data.base_model is None
+    assert data.dpolab_base_model == info["base_model"]
+    assert info["dataset"] == "hh-rlhf-sample" and data.datasets == ["Anthropic/hh-rlhf"]
+    assert {"dpo", "gpt2", "rlhf", "dpolab"} <= set(data.tags)
+    assert data.pipeline_tag == "text-generation" and data.license == "mit"
+
+    got = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert got == {"loss": summary["eval"]["loss"], "accuracy": summary["eval"]["rewards/accuracies"],
+                   "reward_margin": summary["eval"]["rewards/margins"], "win_rate": summary["eval"]["win_rate"]}
+    assert {r.dataset_type for r in data.eval_results} == {"Anthropic/hh-rlhf"}
+    assert data.model_name == "trial-001"
+
+
+def test_card_body_describes_training(sweep_export, hub_sweep):
+    run = resolve_run(hub_sweep.path)
+    body = ModelCard.load(sweep_export.out_dir / "README.md").text
+    config, report = run.config(), run.data_report()
+    assert "\\n\\nHuman: {your message}\\n\\nAssistant:" in body
+    assert f"loss type `{config['loss_type']}` and beta = {config['beta']}" in body
+    assert f"| pairs kept (train) | {report['kept']['train']} |" in body
+    assert f"| pairs dropped (prompt mismatch) | {report['dropped']['prompt_mismatch']} |" in body
+    assert f"| learning rate | {config['learning_rate']:.4g} |" in body
+    for section in ("## Sweep", "## Plots", "## Usage", "## Intended use and limitations", "## Citation"):
+        assert section in body
+    assert 'pipeline("text-generation"' in body and "dpolab serve" in body
+    assert "arXiv:2204.05862" in body and "2305.18290" in body
+    assert "can produce harmful" in body
+
+
+def test_hub_base_model_and_missing_win_rate(tmp_path):
+    from conftest import EVALS, make_run
+
+    run = make_run(tmp_path / "gpt2-run", EVALS["trial-000"], base_model="gpt2", with_model=False)
+    data = card_data(run)
+    assert data.base_model == "gpt2" and data.dpolab_base_model == "gpt2"
+    assert "win_rate" not in {r.metric_type for r in data.eval_results}
+    card = build_card(run, repo_id="alice/dpo-gpt2")
+    assert "No generation win rate was measured" in card.text
+    assert 'model="alice/dpo-gpt2"' in card.text and "dpolab serve alice/dpo-gpt2" in card.text
+    assert ModelCard(card.content).data.base_model == "gpt2"  # round-trips through YAML
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("gpt2", True), ("openai-community/gpt2", True), ("tiny-gpt2", False), ("gpt2-124m-random", False),
+    (".", False), ("not a/valid id", False)])
+def test_is_hub_model_id(name, expected):
+    assert is_hub_model_id(name) is expected
+
+
+@pytest.mark.parametrize(("summary", "expected"), [
+    ({"eval": {"loss": 0.6}}, None), ({"win_rate": 0.7}, 0.7), ({"eval": {"win_rate": 0.55}}, 0.55),
+    ({"win_rate": {"win_rate": 0.6, "n": 32}}, 0.6), ({"eval": {"win_rate": {"value": 0.4}}}, 0.4)])
+def test_win_rate_shapes(summary, expected):
+    assert win_rate(summary) == expected
