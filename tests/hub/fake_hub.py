@@ -70,6 +70,7 @@ class FakeHub:
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
         self.force_status: int | None = None
+        self.signature = hashlib.sha256(token.encode()).hexdigest()[:16]
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -137,7 +138,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             with hub.lock:
                 hub.requests.append((method, path))
             body = self._body() if method in ("POST", "PUT") else b""
-            if not self._authorized():
+            # LFS PUTs go to a presigned storage URL (S3 on the real Hub): no bearer token, a signature.
+            presigned = method == "PUT" and path.startswith("/_lfs/") and f"sig={hub.signature}" in self.path
+            if not presigned and not self._authorized():
                 return
             routes = [
                 ("POST", r"/api/repos/create", self._create_repo),
@@ -203,7 +206,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _lfs_batch(self, body: bytes, repo: str, **_: Any) -> None:
             objects = [{"oid": obj["oid"], "size": obj["size"],
-                        "actions": {"upload": {"href": f"{hub.url}/_lfs/{obj['oid']}"},
+                        "actions": {"upload": {"href": f"{hub.url}/_lfs/{obj['oid']}?sig={hub.signature}"},
                                     "verify": {"href": f"{hub.url}/_lfs/verify"}}}
                        for obj in json.loads(body)["objects"]]
             self._send(200, {"transfer": "basic", "objects": objects})

@@ -48,7 +48,7 @@ def test_card_body_describes_training(sweep_export, hub_sweep):
 
 
 def test_hub_base_model_and_missing_win_rate(tmp_path):
-    from conftest import EVALS, make_run
+    from tests.hub.factory import EVALS, make_run
 
     run = make_run(tmp_path / "gpt2-run", EVALS["trial-000"], base_model="gpt2", with_model=False)
     data = card_data(run)

@@ -89,7 +89,7 @@ def test_export_replaces_an_earlier_export_but_nothing_else(hub_run, tmp_path):
 
 
 def test_export_of_unfinished_run_is_a_one_line_error(hub_run, tmp_path):
-    from conftest import EVALS, make_run
+    from tests.hub.factory import EVALS, make_run
 
     run = make_run(tmp_path / "unfinished", EVALS["trial-000"], with_model=False)
     with pytest.raises(RunFolderError, match="no final model"):
@@ -97,3 +97,21 @@ def test_export_of_unfinished_run_is_a_one_line_error(hub_run, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(RunFolderError, match="not a dpolab run folder"):
         export(tmp_path, tmp_path / "out2")
+
+
+@pytest.mark.slow  # trains the shared tiny_run (~30 s on 2 cores) unless another test already did
+def test_export_of_a_trained_run(tiny_run, tmp_path):
+    """End to end on a run the real trainer wrote: export, card values = its records, generate."""
+    from huggingface_hub import ModelCard
+    from transformers import pipeline
+
+    result = export(tiny_run.path, tmp_path / "out")
+    summary = tiny_run.summary()
+    data = ModelCard.load(result.out_dir / "README.md").data
+    got = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert got["loss"] == summary["eval"]["loss"]
+    assert got["accuracy"] == summary["eval"]["rewards/accuracies"]
+    assert got["reward_margin"] == summary["eval"]["rewards/margins"]
+    assert data.dpolab_base_model == tiny_run.info()["base_model"]
+    out = pipeline("text-generation", model=str(result.out_dir))("\n\nHuman: Hi\n\nAssistant:", max_new_tokens=4)
+    assert out[0]["generated_text"].startswith("\n\nHuman: Hi\n\nAssistant:")

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DpolabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"dpolab {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

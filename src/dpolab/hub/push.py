@@ -91,38 +91,48 @@ def plan_push(path: str | Path, repo_id: str, private: bool = False) -> PushPlan
                     commit_message=_commit_message(metadata), private=private, _tmp=tmp)
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    """huggingface_hub's HTTP stack (httpx or its fork) raises its own ConnectError/TimeoutException
-    types, not OSError; match them by name along the cause chain instead of importing internals."""
-    while exc is not None:
-        names = {cls.__name__ for cls in type(exc).__mro__}
-        if names & {"ConnectError", "ConnectTimeout", "NetworkError", "TimeoutException", "TransportError",
-                    "ConnectionError", "OfflineModeIsEnabled"}:
-            return True
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes: upload failures arrive wrapped (RuntimeError from a worker thread
+    around the HfHubHTTPError around the transport error)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
         exc = exc.__cause__ or exc.__context__
-    return False
+    return seen
+
+
+# huggingface_hub's HTTP stack (httpx or its fork) raises its own transport errors, not OSError:
+# match them by class name rather than importing a client library's internals.
+_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "NetworkError", "TimeoutException", "ConnectionError"}
 
 
 def _hub_error(exc: Exception, plan: PushPlan) -> PushError:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     where = endpoint()
-    if isinstance(exc, HFValidationError):
-        return PushError(f"repo id {plan.repo_id!r} is malformed: {str(exc).splitlines()[0]}")
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        status = exc.response.status_code
-        if status == 401:
-            return PushError(f"{where} rejected the token (401 Unauthorized): set a valid HF_TOKEN or run "
-                             "`hf auth login` with a token that has write access")
-        if status == 403:
-            return PushError(f"permission denied (403 Forbidden): your token cannot create or write "
-                             f"{plan.repo_id}; use a write token for the '{plan.repo_id.split('/')[0]}' namespace")
-        server = (getattr(exc, "server_message", None) or str(exc)).splitlines()[0]
-        return PushError(f"{where} refused the upload to {plan.repo_id} (HTTP {status}): {server}")
-    if _is_connection_error(exc):
+    chain = _chain(exc)
+    if any(type(err).__name__ == "OfflineModeIsEnabled" for err in chain):
+        return PushError("HF_HUB_OFFLINE is set: unset it (or HF_HUB_OFFLINE=0) to push to the Hub")
+    for err in chain:
+        if isinstance(err, HFValidationError):
+            return PushError(f"repo id {plan.repo_id!r} is malformed: {str(err).splitlines()[0]}")
+        if isinstance(err, HfHubHTTPError) and err.response is not None:
+            status = err.response.status_code
+            if status == 401:
+                return PushError(f"{where} rejected the token (401 Unauthorized): set a valid HF_TOKEN or run "
+                                 "`hf auth login` with a token that has write access")
+            if status == 403:
+                return PushError(f"permission denied (403 Forbidden): your token cannot create or write "
+                                 f"{plan.repo_id}; use a write token for the '{plan.repo_id.split('/')[0]}' "
+                                 "namespace")
+            detail = (getattr(err, "server_message", None) or str(err)).strip().splitlines()
+            return PushError(f"{where} refused the upload to {plan.repo_id} (HTTP {status})"
+                             + (f": {detail[0]}" if detail else ""))
+    if any({cls.__name__ for cls in type(err).__mro__} & _NETWORK_ERRORS for err in chain):
         return PushError(f"network unreachable: cannot connect to {where} (check your connection, proxy "
                          "or HF_ENDPOINT)")
-    return PushError(f"push to {plan.repo_id} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return PushError(f"push to {plan.repo_id} failed: {type(exc).__name__}: {first_line}")
 
 
 def push(plan: PushPlan, token: str | None = None) -> str:
