@@ -160,3 +160,23 @@ def test_cli_prints_one_line_without_traceback(sweep_export, fake_hub, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "error: permission denied (403 Forbidden)" in lines[0], captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_offline_mode_is_named(sweep_export, fake_hub, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PushError, match="HF_HUB_OFFLINE is set"):
+        push(plan_push(sweep_export.out_dir, REPO))
+    assert fake_hub.requests == []
+
+
+def test_export_then_push_through_the_cli(hub_sweep, fake_hub, tmp_path, capsys):
+    main = cli_main()
+    out = tmp_path / "export"
+    assert main(["export", str(hub_sweep.path), str(out), "--repo-id", REPO]) == 0
+    assert main(["push", str(out), "--repo-id", REPO]) == 0
+    printed = capsys.readouterr().out
+    assert f"pushed {len(fake_hub.repos[REPO].commits[0].files)} files to {REPO}: {fake_hub.url}/{REPO}/commit/" \
+        in printed
+    assert fake_hub.repos[REPO].commits[0].files == exported_bytes(out)
