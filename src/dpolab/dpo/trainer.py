@@ -122,7 +122,12 @@ class RunRecorder(TrainerCallback):
 
 def training_arguments(config: TrainConfig, run: RunFolder, device: str, dtype: str) -> TrainingArguments:
     """Map our config onto ``TrainingArguments`` (one place, so the TRL engine uses the same)."""
-    return TrainingArguments(
+    return TrainingArguments(**training_argument_kwargs(config, run, device, dtype))
+
+
+def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, dtype: str) -> dict[str, Any]:
+    """The ``TrainingArguments`` fields of our config; ``DPOConfig`` (a subclass) takes them too."""
+    return dict(
         output_dir=str(run.checkpoints_dir),
         run_name=config.run_name or run.path.name,
         per_device_train_batch_size=config.per_device_train_batch_size,
