@@ -1,0 +1,78 @@
+"""`dpolab serve`: argparse wiring. The CLI imports this module at start, so it imports nothing
+heavy; models load when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dpolab.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve", help="web app + JSON and OpenAI-compatible APIs for a trained model",
+        description="Chat with a DPO model, compare it with its reference (implicit rewards), and save "
+                    "preference pairs for the next round. Also serves /api/* and /v1/* (OpenAI).")
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="run or sweep folder (its best model), export folder, built-in name or Hub id; "
+                             "default: the most recent finished run or sweep under --runs-dir")
+    parser.add_argument("--reference", metavar="BASE", default=None,
+                        help="reference model for compare mode and rewards (default: the run's base model)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--runs-dir", default="runs", help="where to look for the default MODEL (default runs)")
+    parser.add_argument("--workers", type=int, default=1, help="generations running at once (default 1)")
+    parser.add_argument("--queue", type=int, default=8, help="generations that may wait before 429 (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="cap on new tokens per answer (default 512)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per-request time limit in s (default 120)")
+    parser.add_argument("--preferences", default="preferences.jsonl",
+                        help="JSONL file that marked preferences are appended to (default preferences.jsonl)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import threading
+
+    from dpolab.errors import DpolabError
+    from dpolab.serve import create_app
+    from dpolab.serve.models import default_source, describe
+    from dpolab.serve.server import make_server
+
+    for name, low in (("workers", 1), ("queue", 0), ("max_new_tokens", 1), ("port", 0)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0, got {args.timeout}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    source = args.model or default_source(args.runs_dir)
+    describe(source)  # a folder that is no run/sweep/export fails here, in one line, before binding
+    # The server listens while the models load in the background, so /healthz answers 503 meanwhile.
+    app = create_app({"MODEL": source, "REFERENCE": args.reference, "WORKERS": args.workers,
+                      "MAX_QUEUE": args.queue, "MAX_NEW_TOKENS": args.max_new_tokens,
+                      "REQUEST_TIMEOUT_S": args.timeout, "PREFERENCES_PATH": args.preferences})
+    engine = app.extensions["dpolab.engine"]
+    server = make_server(app, args.host, args.port)
+    url = f"http://{args.host}:{server.effective_port}"
+    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread.start()
+    print(f"dpolab serve: listening on {url} (waitress); loading {source} ...", flush=True)
+    try:
+        while not engine.ready.wait(0.5):
+            if engine.load_error:
+                raise DpolabError(f"could not load the models: {engine.load_error}")
+        models = engine.models
+        reference = models.reference.id if models.reference else "none (compare mode off: pass --reference)"
+        print(f"dpolab serve: model {models.policy.id}, reference {reference}\n"
+              f"  page         {url}/\n"
+              f"  OpenAI API   {url}/v1  (model {models.policy.id!r})\n"
+              f"  preferences  -> {args.preferences}\nCtrl-C to stop.", flush=True)
+        while thread.is_alive():
+            thread.join(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.close()
+        server.close()
+    return 0

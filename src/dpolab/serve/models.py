@@ -1,0 +1,178 @@
+"""What the web app serves: the DPO model, its reference, and the run records describing them.
+
+Loaded once at start-up (see :class:`dpolab.serve.generation.Engine`), then shared read-only by
+every request. torch/transformers are imported inside functions so `dpolab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpolab.errors import DpolabError, RunFolderError
+from dpolab.runs import RunFolder, SweepFolder, is_model_folder, latest_result, resolve_model_dir, resolve_run
+
+DEFAULT_BETA = 0.1  # TrainConfig's default: used when the model has no run records
+HYPERPARAMETERS = ("beta", "loss_type", "label_smoothing", "learning_rate", "per_device_train_batch_size",
+                   "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio",
+                   "max_length", "max_prompt_length", "max_train_pairs", "seed")
+EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+
+@dataclass
+class LoadedModel:
+    """One causal LM ready to generate: ``id`` is its name in the APIs (OpenAI ``model``)."""
+
+    id: str
+    source: str
+    model: Any
+    tokenizer: Any
+
+    @property
+    def context_length(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+
+
+@dataclass
+class ServedModels:
+    policy: LoadedModel
+    reference: LoadedModel | None
+    beta: float
+    info: dict[str, Any] = field(default_factory=dict)  # the model panel (GET /api/model)
+    sweep_dir: Path | None = None  # set when the model is a sweep's best trial (experiments page)
+
+    def context_length(self) -> int:
+        lengths = [m.context_length for m in (self.policy, self.reference) if m is not None]
+        return min(lengths)
+
+    def by_id(self, model_id: str | None) -> LoadedModel | None:
+        if model_id is None or model_id == self.policy.id:
+            return self.policy
+        if self.reference is not None and model_id == self.reference.id:
+            return self.reference
+        return None
+
+
+def default_source(runs_dir: str | Path = "runs") -> str:
+    """The most recent finished run or sweep under ``runs_dir`` (what `dpolab serve` shows)."""
+    latest = latest_result(runs_dir)
+    if latest is None:
+        raise DpolabError(
+            f"no MODEL given and no finished run or sweep under {Path(runs_dir).resolve()}: "
+            "train one first (dpolab train / dpolab sweep) or pass MODEL (a run, sweep or export "
+            "folder, or a Hub id such as gpt2)")
+    return str(latest)
+
+
+def describe(source: str) -> tuple[dict[str, Any], RunFolder | None, Path | None]:
+    """The model panel's records for ``source``: (info, run or None, sweep folder or None)."""
+    path = Path(source)
+    run: RunFolder | None = None
+    sweep_dir: Path | None = None
+    info: dict[str, Any] = {"source": source}
+    if SweepFolder.is_sweep(path):
+        sweep = SweepFolder.open(path)
+        run, sweep_dir = resolve_run(path), path
+        best = sweep.best()
+        info.update(kind="sweep", sweep={"name": path.name, "trial": best.get("trial"),
+                                         "objective": best.get("objective"), "value": best.get("value")})
+    elif RunFolder.is_run(path):
+        run = resolve_run(path)
+        info["kind"] = "run"
+    elif is_model_folder(path):
+        info["kind"] = "export"
+        if RunFolder.is_run(path.parent):  # someone passed runs/NAME/model: use its run's records
+            run = RunFolder.open(path.parent)
+    elif path.exists():
+        raise RunFolderError(f"{path}: not a dpolab run, sweep or model folder")
+    else:
+        info["kind"] = "hub"
+    if run is not None:
+        run_info = run.info()
+        config = run.config() if run.config_path.exists() else {}
+        summary = run.summary() if run.summary_path.exists() else {}
+        info.update(
+            run=run.path.name, base_model=run_info.get("base_model"), dataset=run_info.get("dataset"),
+            engine=run_info.get("engine"),
+            hyperparameters={k: config[k] for k in HYPERPARAMETERS if k in config},
+            eval={k: summary.get("eval", {})[k] for k in EVAL_KEYS if k in summary.get("eval", {})},
+            train=summary.get("train", {}), wall_time_s=summary.get("wall_time_s"))
+    return info, run, sweep_dir
+
+
+def _model_name(source: str, info: dict[str, Any]) -> str:
+    if info.get("kind") == "sweep":
+        return f"{info['sweep']['name']}/{info['sweep']['trial']}"
+    if info.get("run"):
+        return str(info["run"])
+    return Path(source).name if Path(source).exists() else source
+
+
+def load_one(model_id: str, source: str) -> LoadedModel:
+    from dpolab.model import load_model, load_tokenizer
+
+    try:
+        model = load_model(source)
+        tokenizer = load_tokenizer(source)
+    except DpolabError:
+        raise
+    except (OSError, ValueError) as exc:
+        # Not a local folder and the Hub could not provide it (offline, typo, private repo).
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DpolabError(f"could not load model {source!r}: {first_line}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(id=model_id, source=source, model=model, tokenizer=tokenizer)
+
+
+def load_served_models(source: str, reference: str | None = None) -> ServedModels:
+    """Load the DPO model behind ``source`` and its reference (``reference`` or the run's base model)."""
+    info, run, sweep_dir = describe(source)
+    model_dir = str(resolve_model_dir(source)) if info["kind"] in ("run", "sweep", "export") else source
+    policy = load_one(_model_name(source, info), model_dir)
+    reference_source = reference or info.get("base_model")
+    ref = None
+    if reference_source:
+        ref_id = str(reference_source)
+        if ref_id == policy.id:
+            ref_id = f"{ref_id}-reference"
+        ref = load_one(ref_id, str(reference_source))
+    beta = float(info.get("hyperparameters", {}).get("beta", DEFAULT_BETA))
+    info.update(model=policy.id, reference=ref.id if ref else None, beta=beta,
+                compare=ref is not None, context_length=min(m.context_length for m in (policy, ref) if m))
+    if ref is None:
+        info["note"] = ("no reference model: the model has no run records naming its base model; "
+                        "pass --reference BASE to enable compare mode and rewards")
+    return ServedModels(policy=policy, reference=ref, beta=beta, info=info, sweep_dir=sweep_dir)
+
+
+def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
+    """Summed log pi(answer | prompt) for each answer, one padded batch (answer-only, as in training)."""
+    import torch
+
+    from dpolab.dpo.logps import sequence_logps
+
+    pad = loaded.tokenizer.pad_token_id or 0
+    length = max(len(prompt_ids) + len(a) for a in answers)
+    input_ids = torch.full((len(answers), length), pad, dtype=torch.long)  # (S, T)
+    attention = torch.zeros_like(input_ids)  # (S, T)
+    answer_mask = torch.zeros_like(input_ids)  # (S, T)
+    for row, answer in enumerate(answers):
+        sequence = prompt_ids + answer
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention[row, : len(sequence)] = 1
+        answer_mask[row, len(prompt_ids): len(sequence)] = 1
+    with torch.inference_mode():
+        return sequence_logps(loaded.model, input_ids, attention, answer_mask).tolist()
+
+
+def implicit_rewards(served: ServedModels, prompt_ids: list[int], answers: list[list[int]]) -> list[float] | None:
+    """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) of each answer, the quantity DPO
+    trained (its chosen-minus-rejected margin is what the loss pushes up). None without a reference."""
+    if served.reference is None:
+        return None
+    policy = answer_logps(served.policy, prompt_ids, answers)
+    reference = answer_logps(served.reference, prompt_ids, answers)
+    return [served.beta * (p - r) for p, r in zip(policy, reference, strict=True)]

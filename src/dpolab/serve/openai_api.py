@@ -1,0 +1,160 @@
+"""OpenAI-compatible endpoints, so existing clients (the official ``openai`` package, LangChain,
+curl scripts) can talk to a dpolab model: /v1/models, /v1/completions, /v1/chat/completions.
+
+Only what a one-model CPU server can honour is accepted: ``n`` must be 1 (a clear 400 otherwise);
+unknown OpenAI fields (``user``, ``seed``, penalties...) are ignored as OpenAI-compatible servers
+commonly do. ``top_k`` and ``repetition_penalty`` are accepted as extensions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, stream_with_context
+
+from dpolab.serve import jobs
+from dpolab.serve.generation import Job
+from dpolab.serve.validation import ApiError, SamplingParams, boolean, json_body, messages, sampling_params
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+# OpenAI's own defaults, not the page's: a client that sends nothing gets what it would get there.
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "time_limit": "length"}
+
+
+@bp.get("/models")
+def list_models() -> Any:
+    eng = jobs.ready_engine()
+    assert eng.models is not None
+    models = [m for m in (eng.models.policy, eng.models.reference) if m is not None]
+    return jsonify(object="list", data=[{"id": m.id, "object": "model", "created": 0, "owned_by": "dpolab"}
+                                        for m in models])
+
+
+def _common(data: dict[str, Any], default_max_tokens: int) -> tuple[SamplingParams, str, bool, bool]:
+    from flask import current_app
+
+    n = data.get("n", 1)
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ApiError(f"n must be 1: this server generates one choice per request, got {n!r}", param="n",
+                       code="unsupported_value")
+    merged = {**OPENAI_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+    if "max_tokens" not in merged and "max_completion_tokens" in merged:
+        merged["max_tokens"] = merged["max_completion_tokens"]
+    params, _ = sampling_params(merged, current_app.config["MAX_NEW_TOKENS"], max_tokens_key="max_tokens",
+                                default_max_new_tokens=default_max_tokens)
+    model_id = data.get("model")
+    if model_id is not None and not isinstance(model_id, str):
+        raise ApiError("model must be a string", param="model", code="invalid_type")
+    eng = jobs.ready_engine()
+    assert eng.models is not None
+    loaded = eng.models.by_id(model_id)
+    if loaded is None:
+        raise ApiError(f"model {model_id!r} does not exist; GET /v1/models lists the served models",
+                       status=404, param="model", code="model_not_found")
+    role = "policy" if loaded is eng.models.policy else "reference"
+    stream = boolean(data, "stream")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError("stream_options must be an object", param="stream_options", code="invalid_type")
+    include_usage = boolean(options, "include_usage")
+    return params, role, stream, include_usage
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@bp.post("/completions")
+def completions() -> Any:
+    data = json_body()
+    params, role, stream, include_usage = _common(data, default_max_tokens=16)
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError("prompt must be a string (or a list of exactly one string)", param="prompt",
+                       code="invalid_type")
+    if not prompt:
+        raise ApiError("prompt must not be empty", param="prompt", code="empty_field")
+    job, meta = jobs.completion_job(prompt, params, (role,))
+    return _respond(job, meta, stream, include_usage, chat=False)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Any:
+    data = json_body()
+    params, role, stream, include_usage = _common(data, default_max_tokens=128)
+    raw = data.get("messages")
+    if isinstance(raw, list):  # content may be a list of parts: keep the text parts
+        raw = [{**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
+               if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in raw]
+    turns = messages({"messages": raw}, "messages")
+    job, meta = jobs.chat_job(turns, params, "messages", (role,))
+    return _respond(job, meta, stream, include_usage, chat=True)
+
+
+def _respond(job: Job, meta: dict[str, Any], stream: bool, include_usage: bool, chat: bool) -> Any:
+    created = int(time.time())
+    prefix, obj = ("chatcmpl-", "chat.completion") if chat else ("cmpl-", "text_completion")
+    base = {"id": prefix + job.id, "object": obj + (".chunk" if chat and stream else ""), "created": created}
+    disconnected = jobs.disconnect_probe()
+    if not stream:
+        answer = jobs.wait_result(job, disconnected)["answers"][0]
+        finish = FINISH[answer["finish_reason"]]
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": answer["text"].strip()},
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": answer["text"], "logprobs": None, "finish_reason": finish}
+        return jsonify(**base, model=answer["model"], choices=[choice],
+                       usage=_usage(meta["prompt_tokens"], answer["completion_tokens"]))
+
+    models = jobs.engine().models
+    assert models is not None
+    loaded = models.policy if job.roles[0] == "policy" else models.reference
+    assert loaded is not None
+    model_id = loaded.id
+
+    def chunk(delta: str | None, finish: str | None) -> str:
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "delta": {} if delta is None else {"content": delta},
+                                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        return jobs.sse({**base, "model": model_id, "choices": [choice]})
+
+    def events() -> Any:
+        if chat:  # OpenAI's first chunk announces the role
+            yield jobs.sse({**base, "model": model_id,
+                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]})
+        started = False
+        for event in jobs.stream_events(job, disconnected):
+            if event is None:
+                yield ": keep-alive\n\n"
+                continue
+            kind, payload = event
+            if kind == "token":
+                piece = payload["text"]
+                if chat and not started:  # the HH format puts a space after "Assistant:"
+                    piece = piece.lstrip()
+                    if not piece:
+                        continue
+                started = True
+                yield chunk(piece, None)
+            elif kind == "result":
+                answer = payload["answers"][0]
+                yield chunk(None, FINISH[answer["finish_reason"]])
+                if include_usage:
+                    yield jobs.sse({**base, "model": model_id, "choices": [],
+                                    "usage": _usage(meta["prompt_tokens"], answer["completion_tokens"])})
+            elif kind == "error":
+                yield jobs.sse({"error": {"message": payload["message"], "type": "server_error",
+                                          "param": None, "code": "generation_failed"}})
+        yield "data: [DONE]\n\n"
+
+    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=jobs.SSE_HEADERS)
