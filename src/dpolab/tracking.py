@@ -8,8 +8,13 @@ trainer forward the newest sample to the trackers (W&B, MLflow, ...) with each l
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -91,3 +96,78 @@ class SystemSampler:
             self._thread.join(timeout=5)
         self._latest = self.sample()
         self.run.append_system(self._latest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracker integrations (``report_to``): defaults and clean run boundaries
+# ---------------------------------------------------------------------------------------------
+
+def tracker_defaults(report_to: list[str], run_dir: Path) -> dict[str, str]:
+    """Environment defaults that keep a run's tracker files inside its run folder.
+
+    MLflow's default store is a SQLite file in the run folder (a sweep points every trial at one
+    file in the sweep folder instead, see :func:`sweep_tracker_defaults`); W&B writes its
+    ``wandb/`` folder (offline runs included) into the run folder instead of the working directory.
+    """
+    run_dir = Path(run_dir).resolve()
+    defaults: dict[str, str] = {}
+    if "mlflow" in report_to:
+        defaults["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
+    if "wandb" in report_to:
+        defaults["WANDB_DIR"] = str(run_dir)
+        defaults["WANDB_PROJECT"] = "dpolab"
+    return defaults
+
+
+def sweep_tracker_defaults(report_to: list[str], sweep_dir: Path, group: str) -> dict[str, str]:
+    """A sweep groups its trials: one W&B group, one MLflow experiment in one store."""
+    defaults: dict[str, str] = {}
+    if "mlflow" in report_to:
+        defaults["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
+        defaults["MLFLOW_EXPERIMENT_NAME"] = group
+    if "wandb" in report_to:
+        defaults["WANDB_RUN_GROUP"] = group
+        defaults["WANDB_PROJECT"] = "dpolab"
+    return defaults
+
+
+@contextmanager
+def env_defaults(defaults: dict[str, str]) -> Iterator[None]:
+    """Set each variable the user has not set, for the duration of the block only."""
+    added = [key for key in defaults if key not in os.environ]
+    for key in added:
+        os.environ[key] = defaults[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def end_tracker_runs(failed: bool = False) -> None:
+    """Close the W&B / MLflow runs that the Trainer integrations opened.
+
+    transformers' W&B callback never finishes its run and MLflow's stays open after an exception:
+    the next ``train()`` in the same process (every sweep trial) would log into the old run.
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run(status="FAILED" if failed else "FINISHED")
+
+
+@contextmanager
+def tracker_session(report_to: list[str], run_dir: Path) -> Iterator[None]:
+    """One training run's tracker scope: run-folder defaults in, tracker runs closed out."""
+    if not report_to:
+        yield
+        return
+    failed = True
+    with env_defaults(tracker_defaults(report_to, run_dir)):
+        try:
+            yield
+            failed = False
+        finally:
+            end_tracker_runs(failed)

@@ -30,7 +30,7 @@ from dpolab.dpo.reference import add_reference_logps
 from dpolab.errors import ConfigError
 from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device, resolve_dtype
 from dpolab.runs import RunFolder
-from dpolab.tracking import SystemSampler
+from dpolab.tracking import SystemSampler, tracker_session
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,12 @@ def load_prepared(config: TrainConfig):
     return tokenizer, model, datasets, report, reference_info, device, dtype
 
 
-def train(config: TrainConfig, output_dir: str | Path, resume: bool = False) -> RunFolder:
-    """Train with DPO and return the finished run folder (see docs/run-folder.md)."""
+def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
+          callbacks: list[TrainerCallback] | None = None) -> RunFolder:
+    """Train with DPO and return the finished run folder (see docs/run-folder.md).
+
+    ``callbacks`` are extra ``TrainerCallback``s (the sweep's pruning callback).
+    """
     if config.engine == "trl":
         from dpolab.dpo.trl_engine import train_trl
 
@@ -221,12 +225,12 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False) -> 
         run.metrics_path.unlink()
 
     recorder = RunRecorder(run)
-    with SystemSampler(run) as sampler:
+    with tracker_session(config.report_to, run.path), SystemSampler(run) as sampler:
         engine = DPOEngine(
             model=model, args=training_arguments(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"],
             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-            callbacks=[recorder], dpo_config=config, system_sampler=sampler)
+            callbacks=[recorder, *(callbacks or [])], dpo_config=config, system_sampler=sampler)
         start = time.perf_counter()
         engine.train(resume_from_checkpoint=last_checkpoint)
         wall_time = time.perf_counter() - start

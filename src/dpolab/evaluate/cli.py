@@ -1,0 +1,45 @@
+"""``dpolab evaluate RUN_OR_SWEEP``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser(
+        "evaluate", help="held-out metrics and generation eval of a trained run",
+        description="Score a run (or a sweep's best trial) on its held-out pairs (eval loss, reward "
+        "accuracy and margin, log-probs of policy vs reference), generate answers of policy and reference "
+        "for N held-out prompts (seeded sampling, saved side by side), and with --judge compute win rates "
+        "with 95%% intervals. Output: <run>/evaluation/.")
+    ev.add_argument("path", metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder (its best trial)")
+    ev.add_argument("--n-prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
+    ev.add_argument("--judge", metavar="MODEL", help="reward model (Hub id or folder) for win rates")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--temperature", type=float, default=0.7)
+    ev.add_argument("--top-p", type=float, default=0.9)
+    ev.add_argument("--output-dir", help="default: <run>/evaluation")
+    ev.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from dpolab.errors import ConfigError
+    from dpolab.evaluate.run import evaluate
+
+    if args.n_prompts < 0:
+        raise ConfigError("--n-prompts must be >= 0")
+    result = evaluate(args.path, n_prompts=args.n_prompts, judge=args.judge, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      output_dir=args.output_dir)
+    p = result["pairs"]
+    print(f"held-out pairs ({p['pairs']}): eval loss {p['loss']:.4f} | reward accuracy {p['rewards/accuracies']:.3f} "
+          f"| reward margin {p['rewards/margins']:.4f}")
+    print(f"log-probs chosen: policy {p['logps/chosen']:.2f} vs reference {p['logps/ref_chosen']:.2f}; "
+          f"rejected: policy {p['logps/rejected']:.2f} vs reference {p['logps/ref_rejected']:.2f}")
+    print(f"generations: {result['generation']['n_prompts']} prompts")
+    if result["judge"]:
+        for key, label in (("vs_reference", "reference"), ("vs_chosen", "dataset's chosen answer")):
+            w = result["judge"][key]
+            print(f"win rate over {label}: {w['win_rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, n={w['n']})")
+    return 0

@@ -1,0 +1,45 @@
+"""Held-out pair metrics: eval loss, reward accuracy and margin, chosen/rejected log-probs of the
+policy against the reference - the same numbers (TRL names) training logs, recomputed from the
+saved model so any finished run (or an export's source run) can be scored again."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from dpolab.config import TrainConfig
+from dpolab.data import prepare_data
+from dpolab.dpo.loss import preference_loss, preference_metrics
+from dpolab.dpo.reference import compute_reference_logps
+
+logger = logging.getLogger(__name__)
+
+
+def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_dataset, config: TrainConfig,
+                 pad_token_id: int) -> dict[str, Any]:
+    """Metrics of ``policy`` vs ``reference`` on ``eval_dataset`` (tokenized held-out pairs)."""
+    kwargs = dict(pad_token_id=pad_token_id, batch_size=config.per_device_eval_batch_size,
+                  chunk_size=config.logps_chunk_size)
+    ref_chosen, ref_rejected = compute_reference_logps(reference, eval_dataset, desc="reference", **kwargs)
+    pol_chosen, pol_rejected = compute_reference_logps(policy, eval_dataset, desc="policy", **kwargs)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing)
+    metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, pol_chosen, pol_rejected)
+    metrics.update({
+        "logps/ref_chosen": ref_chosen.mean().item(),
+        "logps/ref_rejected": ref_rejected.mean().item(),
+        # How far the policy moved each answer's log-prob from the reference (nats, mean per pair).
+        "logps/chosen_minus_ref": (pol_chosen - ref_chosen).mean().item(),
+        "logps/rejected_minus_ref": (pol_rejected - ref_rejected).mean().item(),
+        "pairs": len(eval_dataset),
+    })
+    return metrics
+
+
+def held_out_pairs(config: TrainConfig, tokenizer):
+    """The run's own held-out split (same seed, fraction and limits as training; from the data cache)."""
+    datasets, _, _ = prepare_data(config, tokenizer)
+    return datasets["eval"]

@@ -1,0 +1,68 @@
+"""``evaluate()``: held-out pair metrics + generation eval (+ reward-model win rates) of a finished run.
+
+Writes into ``<run>/evaluation/``:
+  metrics.json       {"pairs": {...}, "generation": {...}, "judge": {...} | null}
+  generations.jsonl  one object per prompt: prompt, policy, reference, chosen (+ judge scores)
+With a judge, ``summary.json`` also gets ``win_rate`` (vs the reference) so the model card shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dpolab.config import TrainConfig
+from dpolab.errors import RunFolderError
+from dpolab.evaluate.generation import RewardJudge, generate_answers, judge_rows
+from dpolab.evaluate.pairs import held_out_pairs, pair_metrics
+from dpolab.runs import append_jsonl, resolve_run, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, seed: int = 0,
+             max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.9,
+             output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds."""
+    from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device
+
+    run = resolve_run(path)
+    if not run.has_model():
+        raise RunFolderError(f"{run.path}: no final model (training unfinished?)")
+    config = TrainConfig.from_dict(run.config(), source=str(run.config_path))
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.model)
+    policy = load_model(str(run.model_dir)).to(device).eval()
+    reference = load_model(config.model).to(device).eval()
+    for model in (policy, reference):
+        disable_dropout(model)
+    eval_dataset = held_out_pairs(config, tokenizer)
+
+    result: dict[str, Any] = {"run": str(run.path), "base_model": config.model}
+    result["pairs"] = pair_metrics(policy, reference, eval_dataset, config, tokenizer.pad_token_id)
+    logger.info("held-out pairs: loss %.4f, reward accuracy %.3f, margin %.4f", result["pairs"]["loss"],
+                result["pairs"]["rewards/accuracies"], result["pairs"]["rewards/margins"])
+
+    rows = generate_answers(policy, reference, tokenizer, eval_dataset, n_prompts, seed=seed,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    result["generation"] = {"n_prompts": len(rows), "seed": seed, "max_new_tokens": max_new_tokens,
+                            "temperature": temperature, "top_p": top_p, "file": "generations.jsonl"}
+    result["judge"] = judge_rows(RewardJudge(judge, device=device), rows) if judge else None
+
+    out = Path(output_dir) if output_dir else run.path / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    generations = out / "generations.jsonl"
+    generations.unlink(missing_ok=True)
+    for row in rows:
+        append_jsonl(generations, row)
+    write_json(out / "metrics.json", result)
+    if result["judge"]:
+        vs_ref = result["judge"]["vs_reference"]
+        logger.info("win rate vs reference %.3f [%.3f, %.3f]; vs chosen %.3f", vs_ref["win_rate"],
+                    *vs_ref["ci95"], result["judge"]["vs_chosen"]["win_rate"])
+        summary = {k: v for k, v in run.summary().items() if k != "format"}
+        summary["win_rate"] = {**vs_ref, "judge": judge, "vs": "reference",
+                               "vs_chosen": result["judge"]["vs_chosen"]["win_rate"]}
+        run.write_summary(summary)
+    return result

@@ -1,0 +1,8 @@
+"""``dpolab report``: charts, the hyper-parameter table and a self-contained HTML page for a sweep or run.
+
+Public API (used by ``dpolab demo``): ``write_report(sweep_or_run_dir) -> Path`` of ``report.html``.
+"""
+
+from dpolab.report.writer import write_report
+
+__all__ = ["write_report"]

@@ -1,0 +1,122 @@
+"""The report's charts. Each function returns a matplotlib ``Figure`` (no pyplot state, so the
+figure can be checked - lines, titles, labels - before it is saved)."""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from dpolab.report.collect import TrialRecords
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf"]
+
+
+def color(index: int) -> str:
+    return COLORS[index % len(COLORS)]
+
+
+def _label(trial: TrialRecords) -> str:
+    return f"{trial.name} (best)" if trial.is_best else trial.name
+
+
+def _finish(fig: Figure, ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+
+
+def plot_train_loss(trials: list[TrialRecords]) -> Figure:
+    """Training loss vs optimizer step, one line per configuration with train logs."""
+    fig = Figure(figsize=(8, 4.8), dpi=110)
+    ax = fig.add_subplot()
+    for i, t in enumerate(trials):
+        if t.train:
+            ax.plot([r["step"] for r in t.train], [r["loss"] for r in t.train], color=color(i),
+                    label=_label(t), linewidth=2.2 if t.is_best else 1.4, marker="." if len(t.train) < 30 else None)
+    _finish(fig, ax, "Training loss per configuration", "optimizer step", "DPO loss (nats)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_eval_loss(trials: list[TrialRecords]) -> Figure:
+    """Final eval loss per configuration (bars; best highlighted) beside eval loss vs step (lines)."""
+    fig = Figure(figsize=(11, 4.8), dpi=110)
+    ax_bar, ax_line = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.3]})
+    done = [(i, t) for i, t in enumerate(trials) if t.summary and t.summary.get("eval", {}).get("loss") is not None]
+    values = [t.summary["eval"]["loss"] for _, t in done]
+    bars = ax_bar.bar(range(len(done)), values, color=[color(i) for i, _ in done],
+                      edgecolor=["black" if t.is_best else "none" for _, t in done], linewidth=2)
+    ax_bar.set_xticks(range(len(done)), [_label(t) for _, t in done], rotation=20, ha="right", fontsize=8)
+    ax_bar.bar_label(bars, fmt="%.4f", fontsize=8)
+    if values:
+        low, high = min(values), max(values)
+        pad = max(0.02, (high - low) * 0.5)
+        ax_bar.set_ylim(max(0.0, low - pad), high + pad)
+    _finish(fig, ax_bar, "Final eval loss per configuration", "configuration", "eval DPO loss (nats)", legend=False)
+    for i, t in enumerate(trials):
+        rows = [r for r in t.eval if r.get("loss") is not None]
+        if rows:
+            ax_line.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color(i), marker="o",
+                         markersize=3, label=_label(t))
+    _finish(fig, ax_line, "Eval loss over training", "optimizer step", "eval DPO loss (nats)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rewards(trials: list[TrialRecords]) -> Figure:
+    """Reward margin and reward accuracy on the held-out pairs at every evaluation."""
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    ax_margin, ax_acc = fig.subplots(1, 2)
+    for i, t in enumerate(trials):
+        rows = [r for r in t.eval if "rewards/margins" in r]
+        if rows:
+            steps = [r["step"] for r in rows]
+            ax_margin.plot(steps, [r["rewards/margins"] for r in rows], color=color(i), marker="o", markersize=3,
+                           label=_label(t))
+            ax_acc.plot(steps, [r["rewards/accuracies"] for r in rows], color=color(i), marker="o", markersize=3,
+                        label=_label(t))
+    ax_margin.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax_acc.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    _finish(fig, ax_margin, "Reward margin (eval)", "optimizer step", "chosen − rejected reward (β·nats)")
+    _finish(fig, ax_acc, "Reward accuracy (eval)", "optimizer step", "fraction of pairs, chosen > rejected")
+    ax_acc.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    return fig
+
+
+def has_gpu_power(trials: list[TrialRecords]) -> bool:
+    return any(g.get("power_w") is not None for t in trials for r in t.system for g in r.get("gpus") or [])
+
+
+def plot_system(trials: list[TrialRecords]) -> Figure:
+    """GPU power (W, all GPUs summed) over time when NVML saw a GPU, else process CPU %."""
+    gpu = has_gpu_power(trials)
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for i, t in enumerate(trials):
+        if not t.system:
+            continue
+        times = [r["time_s"] for r in t.system]
+        if gpu:
+            values = [sum(g.get("power_w") or 0.0 for g in r.get("gpus") or []) for r in t.system]
+        else:
+            values = [r.get("cpu_percent", 0.0) for r in t.system]
+        ax.plot(times, values, color=color(i), label=_label(t), marker="." if len(times) < 30 else None)
+    if gpu:
+        _finish(fig, ax, "GPU power during training", "time since training start (s)", "GPU power, all GPUs (W)")
+    else:
+        _finish(fig, ax, "CPU use during training (no GPU)", "time since training start (s)",
+                "process CPU (%; 100 = one core)")
+    fig.tight_layout()
+    return fig
+
+
+CHARTS = {
+    "loss.png": plot_train_loss,
+    "eval_loss.png": plot_eval_loss,
+    "rewards.png": plot_rewards,
+    "system.png": plot_system,
+}

@@ -1,0 +1,110 @@
+"""``write_report``: plots, the hyper-parameter table and one self-contained ``report.html``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dpolab.report.collect import ReportData, collect
+from dpolab.report.plots import CHARTS, has_gpu_power
+from dpolab.report.table import table_figure, table_rows, to_html, to_markdown
+
+logger = logging.getLogger(__name__)
+
+CAPTIONS = {
+    "loss.png": "Training loss vs optimizer step, every configuration.",
+    "eval_loss.png": "Final eval loss per configuration (best outlined) and eval loss over training.",
+    "rewards.png": "Reward margin and reward accuracy on held-out pairs at each evaluation.",
+    "system.png": "System: GPU power when a GPU was present, else process CPU use.",
+}
+
+STYLE = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1150px;
+       color: #222; padding: 0 1rem; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
+.meta { color: #555; }
+table.hp-table { border-collapse: collapse; font-size: 0.85rem; width: 100%; }
+table.hp-table th, table.hp-table td { border: 1px solid #ccc; padding: 4px 6px; text-align: right; }
+table.hp-table th { background: #dfe6f0; }
+table.hp-table td:first-child, table.hp-table td:last-child { text-align: left; }
+table.hp-table tr.best { background: #fff2b3; font-weight: bold; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9rem; }
+"""
+
+
+def report_dir_for(path: Path) -> Path:
+    return Path(path) / "report"
+
+
+def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the report of a sweep or run folder into ``<folder>/report/``; return ``report.html``.
+
+    Files: ``loss.png``, ``eval_loss.png``, ``rewards.png``, ``system.png``, ``table.md``,
+    ``table.html``, ``table.png`` and ``report.html`` (images embedded: opens from disk, alone).
+    """
+    data = collect(path)
+    out = Path(out_dir) if out_dir else report_dir_for(data.path)
+    out.mkdir(parents=True, exist_ok=True)
+    images: dict[str, bytes] = {}
+    for name, plot in CHARTS.items():
+        fig = plot(data.trials)
+        fig.savefig(out / name)
+        images[name] = (out / name).read_bytes()
+    rows = table_rows(data.trials)
+    markdown = to_markdown(rows)
+    (out / "table.md").write_text(markdown)
+    table_html = to_html(rows)
+    (out / "table.html").write_text(f"<!doctype html>\n<meta charset='utf-8'>\n<style>{STYLE}</style>\n{table_html}")
+    table_figure(rows, f"{data.title}: hyper-parameters and results").savefig(out / "table.png")
+    images["table.png"] = (out / "table.png").read_bytes()
+    report = out / "report.html"
+    report.write_text(render_html(data, table_html, images))
+    logger.info("report written: %s", report)
+    return report
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def render_html(data: ReportData, table_html: str, images: dict[str, bytes]) -> str:
+    meta = []
+    if data.kind == "sweep":
+        info = data.info
+        meta.append(f"mode <b>{html.escape(str(info.get('mode')))}</b>, objective "
+                    f"<b>{html.escape(str(info.get('objective')))}</b> ({html.escape(str(info.get('direction')))}), "
+                    f"{len(data.trials)} trial(s), {sum(t.finished for t in data.trials)} finished")
+        if data.best:
+            meta.append(f"best: <b>{html.escape(data.best['trial'])}</b> "
+                        f"({html.escape(str(data.best['objective']))} = {data.best['value']:.4f}); model: "
+                        f"<code>{html.escape(data.best['model_dir'])}</code>")
+        for ref in info.get("reference") or []:
+            meta.append(f"reference pass: {html.escape(ref.get('reference_cache', '?'))} "
+                        f"({ref.get('reference_time_s', 0):.1f} s), shared by every trial")
+    else:
+        meta.append(f"model {html.escape(str(data.info.get('base_model')))} on "
+                    f"{html.escape(str(data.info.get('dataset')))}")
+    if not has_gpu_power(data.trials):
+        meta.append("no GPU was seen: the system chart shows CPU use")
+    figures = "\n".join(f"<figure>{_img(images[name], CAPTIONS[name])}<figcaption>{html.escape(CAPTIONS[name])}"
+                        f"</figcaption></figure>" for name in CHARTS)
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(data.title)} - dpolab report</title>
+<style>{STYLE}</style></head>
+<body>
+<h1>{html.escape(data.title)}</h1>
+<p class="meta">{"<br>".join(meta)}<br>folder: <code>{html.escape(str(data.path))}</code> · generated {generated}</p>
+<h2>Hyper-parameters and results</h2>
+{table_html}
+<p class="meta">★ = best configuration. Eval metrics are on held-out pairs at the end of training.</p>
+<h2>Charts</h2>
+{figures}
+<h2>Table as an image</h2>
+<figure>{_img(images["table.png"], "hyper-parameter table")}</figure>
+</body></html>
+"""

@@ -1,0 +1,67 @@
+"""``dpolab sweep``: run (or join, or resume) a grid or TPE study from a sweep YAML."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sweep = subparsers.add_parser(
+        "sweep", help="hyper-parameter sweep (grid or Optuna TPE search)",
+        description="Run a sweep from configs/sweep-*.yaml. Re-running the same command resumes it "
+        "(finished trials are skipped, interrupted ones rerun). Several workers, on several machines, "
+        "share one study with --storage postgresql://...: create it once with --create-only, then "
+        "start the workers with the same command without it.")
+    sweep.add_argument("--config", help="sweep YAML (default: the original project's 3-row table)")
+    sweep.add_argument("--output-dir", help="sweep folder (default: runs/<config name or 'sweep'>)")
+    sweep.add_argument("--storage", help="Optuna RDB URL shared by workers (default: sqlite file study.db "
+                       "in the sweep folder)")
+    sweep.add_argument("--create-only", action="store_true",
+                       help="create the study, queue the grid and fill the caches, then exit")
+    sweep.add_argument("--max-trials", type=int, help="stop this worker after this many trials")
+    sweep.add_argument("--n-trials", type=int, help="search mode: trial budget of the whole study")
+    sweep.add_argument("--report-to", help="trackers for every trial, comma-separated: "
+                       "wandb,mlflow,tensorboard,trackio")
+    sweep.add_argument("--report", action="store_true", help="write the sweep report when done")
+    sweep.set_defaults(func=run_sweep_command)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from dpolab.sweep.config import load_sweep_config
+    from dpolab.sweep.runner import prepare_sweep, run_sweep
+
+    overrides = {"n_trials": args.n_trials} if args.n_trials else {}
+    config = load_sweep_config(args.config, overrides)
+    output_dir = Path(args.output_dir or Path("runs") / (Path(args.config).stem if args.config else "sweep"))
+    if args.create_only:
+        if args.report_to is not None:
+            config.base = {**config.base, "report_to": args.report_to}
+        sweep = prepare_sweep(config, output_dir, args.storage)
+        print(f"study ready: {sweep.path} ({sweep.info()['storage']}); start workers with the same "
+              "command without --create-only")
+        return 0
+    report_to = [t for t in args.report_to.split(",") if t] if args.report_to is not None else None
+    sweep = run_sweep(config, output_dir, args.storage, max_trials=args.max_trials, report_to=report_to)
+    print_sweep_result(sweep)
+    if args.report:
+        from dpolab.report import write_report
+
+        print(f"report:      {write_report(sweep.path)}")
+    return 0
+
+
+def print_sweep_result(sweep) -> None:
+    from dpolab.runs import read_json
+
+    print(f"\nsweep folder: {sweep.path}")
+    for trial_dir in sorted(sweep.trials_dir.iterdir()) if sweep.trials_dir.is_dir() else []:
+        record = trial_dir / "trial.json"
+        if record.is_file():
+            row = read_json(record)
+            value = f"{row['value']:.4f}" if row.get("value") is not None else "-"
+            print(f"  {row['trial']:<24} {row['state']:<9} {value:>8}  {row.get('error') or ''}")
+    if sweep.best_json.exists():
+        best = sweep.best()
+        print(f"best:        {best['trial']} ({best['objective']} = {best['value']:.4f})")
+        print(f"best model:  {sweep.path / best['model_dir']}")
