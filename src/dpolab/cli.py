@@ -16,12 +16,13 @@ from dpolab.errors import DpolabError
 
 # Stage modules that add sub-commands, in the order `dpolab --help` lists them.
 COMMAND_MODULES = [
-    "dpolab.dpo.cli",       # train, demo
+    "dpolab.dpo.cli",       # train
     "dpolab.sweep.cli",     # sweep
     "dpolab.evaluate.cli",  # evaluate
     "dpolab.report.cli",    # report
     "dpolab.hub.cli",       # export, push
     "dpolab.serve.cli",     # serve
+    "dpolab.demo",          # demo
 ]
 
 
@@ -33,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real missing dependency, not a stage still being built
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -7,6 +7,7 @@ fail at start with a one-line :class:`ConfigError` instead of deep inside traini
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,16 +160,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build a config, coercing YAML/CLI values to each field's type. Unknown keys fail."""
+        cls.check_keys(values, source)
         hints = typing.get_type_hints(cls)
-        known = set(cls.field_names())
-        coerced: dict[str, Any] = {}
-        for key, value in values.items():
+        return cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
+
+    @classmethod
+    def check_keys(cls, values: dict[str, Any], source: str) -> None:
+        """Fail on the first key that is not a field, suggesting the closest field name."""
+        known = cls.field_names()
+        for key in values:
             if key not in known:
-                close = [k for k in known if key.replace("-", "_") == k or key in k]
+                close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"{source}: unknown key {key!r}{hint}")
-            coerced[key] = _coerce(key, value, hints[key], source)
-        return cls(**coerced)
 
 
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
@@ -176,9 +180,9 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_null and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0], source)
     if origin is Literal:
@@ -250,6 +254,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML file (optional) + overrides -> validated :class:`TrainConfig`."""
     values: dict[str, Any] = read_yaml(path) if path else {}
+    TrainConfig.check_keys(values, source=str(path))
+    TrainConfig.check_keys(overrides or {}, source="command line")
     values.update(overrides or {})
     return TrainConfig.from_dict(values, source=str(path) if path else "config")
 

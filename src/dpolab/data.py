@@ -342,7 +342,7 @@ def prepare_data(config: TrainConfig, tokenizer) -> tuple[DatasetDict, DataRepor
     for split, pairs in pairs_by_split.items():
         if limits[split] is not None:
             pairs = pairs[: limits[split]]
-        columns = tokenize_pairs(pairs, tokenizer, config, report)
+        columns = tokenize_pairs(pairs, tokenizer, config, report) if pairs else {"prompt": []}
         report.kept[split] = len(columns["prompt"])
         if not report.kept[split]:
             raise DataError(f"{config.dataset}: no usable pairs left for the {split} split ({report.summary_line()})")

@@ -9,6 +9,7 @@ reference log-probs, answer-only log-probs, and metrics under TRL's names.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,7 +20,6 @@ from typing import Any
 import psutil
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 import dpolab
 from dpolab.config import TrainConfig, save_config
@@ -28,7 +28,14 @@ from dpolab.dpo.logps import PreferenceCollator, concatenated_forward
 from dpolab.dpo.loss import preference_loss, preference_metrics
 from dpolab.dpo.reference import add_reference_logps
 from dpolab.errors import ConfigError
-from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device, resolve_dtype
+from dpolab.model import (
+    disable_dropout,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    use_fused_gelu,
+)
 from dpolab.runs import RunFolder
 from dpolab.tracking import SystemSampler, tracker_session
 
@@ -166,7 +173,7 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
     if RunFolder.is_run(output_dir) and not resume:
         if (output_dir / "summary.json").exists():
             raise ConfigError(f"{output_dir}: a finished run is already there; choose another --output-dir")
-        if get_last_checkpoint_or_none(output_dir / "checkpoints"):
+        if last_complete_checkpoint(output_dir / "checkpoints"):
             raise ConfigError(f"{output_dir}: an unfinished run with checkpoints is there; add --resume to continue it")
     run = RunFolder.create(output_dir, {
         "engine": engine, "base_model": config.model, "dataset": config.dataset,
@@ -175,14 +182,27 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
     return run
 
 
-def get_last_checkpoint_or_none(folder: Path) -> str | None:
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """Newest checkpoint that was fully written. Trainer writes ``trainer_state.json`` last, so a
+    run killed while saving leaves a newer folder without it (or with a torn one): skip those."""
+    if not folder.is_dir():
+        return None
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            logger.warning("ignoring incomplete checkpoint %s (killed while saving?)", checkpoint)
+            continue
+        return str(checkpoint)
+    return None
 
 
 def drop_metrics_after(run: RunFolder, step: int) -> None:
     """On resume, forget rows logged after the checkpoint: they will be logged again."""
     rows = [r for r in run.metrics() if r["step"] <= step]
-    run.metrics_path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def load_prepared(config: TrainConfig):
@@ -194,6 +214,7 @@ def load_prepared(config: TrainConfig):
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     disable_dropout(model)
+    use_fused_gelu(model)
     datasets, report, data_key = prepare_data(config, tokenizer)
     model.to(device)
     datasets, reference_info = add_reference_logps(
@@ -216,7 +237,7 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     tokenizer, model, datasets, report, reference_info, device, dtype = load_prepared(config)
     run.write_data_report(report.to_dict())
 
-    last_checkpoint = get_last_checkpoint_or_none(run.checkpoints_dir) if resume else None
+    last_checkpoint = last_complete_checkpoint(run.checkpoints_dir) if resume else None
     if last_checkpoint:
         step = int(Path(last_checkpoint).name.split("-")[-1])
         logger.info("resuming from %s (step %d)", last_checkpoint, step)
