@@ -118,8 +118,8 @@ def live_server(make_app: Callable[..., Any]) -> Iterator[Callable[..., str]]:
 
     servers = []
 
-    def start(**overrides: Any) -> str:
-        server = ServerThread(make_app(**overrides))
+    def start(app: Any = None, **overrides: Any) -> str:
+        server = ServerThread(app if app is not None else make_app(**overrides))
         servers.append(server)
         return server.__enter__()
 

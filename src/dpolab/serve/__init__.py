@@ -9,10 +9,10 @@ Application factory in the Flask-tutorial style::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+if TYPE_CHECKING:
+    from flask import Flask
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "MODEL": None,  # run / sweep / export folder, built-in name or Hub id
@@ -35,6 +35,11 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    # Imported here, not at module level: `dpolab --help` imports dpolab.serve.cli, and through it
+    # this package, and must stay fast.
+    from flask import Flask, jsonify, request
+    from werkzeug.exceptions import HTTPException
+
     from dpolab.serve import api, openai_api, ui
     from dpolab.serve.generation import Engine
     from dpolab.serve.metrics import Metrics

@@ -19,7 +19,11 @@ function setStatus(text, kind) {
 }
 
 function fmt(value) {
-  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toPrecision(4);
+  if (typeof value === "number") {
+    if (Number.isInteger(value)) return String(value);
+    const size = Math.abs(value);
+    return size !== 0 && (size < 1e-3 || size >= 1e5) ? value.toExponential(2) : String(Number(value.toPrecision(4)));
+  }
   if (value === null || value === undefined || value === "") return "–";
   return String(value);
 }
@@ -48,8 +52,12 @@ async function loadModel() {
   addRow(dl, "Reference", modelInfo.reference || "none");
   addRow(dl, "Dataset", modelInfo.dataset);
   addRow(dl, "beta", modelInfo.beta);
-  for (const [key, value] of Object.entries(modelInfo.hyperparameters || {})) {
-    if (key !== "beta") addRow(dl, key, value);
+  const hp = modelInfo.hyperparameters || {};
+  // The knobs that explain a DPO run at a glance; the rest is in the run's config.yaml.
+  const shown = { loss_type: "Loss", learning_rate: "Learning rate", per_device_train_batch_size: "Batch size",
+    num_train_epochs: "Epochs", max_steps: "Max steps", max_train_pairs: "Train pairs (max)" };
+  for (const [key, label] of Object.entries(shown)) {
+    if (key in hp && !(key === "max_steps" && hp[key] <= 0)) addRow(dl, label, hp[key]);
   }
   const evals = modelInfo.eval || {};
   addRow(dl, "Eval loss", evals.loss);
@@ -256,7 +264,7 @@ async function prefer(view, turn, index, role) {
     card.classList.toggle("preferred", card.dataset.role === role);
     if (card.dataset.role === role) button.textContent = "Preferred ✓";
   }
-  setStatus(`Saved to ${data.file} (${data.rows} pairs).`, "ok");
+  setStatus(`Saved to ${data.file} (${data.rows} ${data.rows === 1 ? "pair" : "pairs"}).`, "ok");
 }
 
 function cancelJob(jobId) {

@@ -1,0 +1,149 @@
+"""The real server (waitress on 127.0.0.1): streaming over HTTP, disconnect = cancel, and the
+bounded load test of acceptance 4."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from urllib.parse import urlsplit
+
+from .conftest import sse_events
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def post(url: str, body: dict) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+
+
+def metric(url: str, name: str) -> float:
+    for line in get(f"{url}/metrics")[1].splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.05)
+
+
+def test_server_streams_tokens_over_http(live_server):
+    url = urlsplit(live_server())
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    connection.request("POST", "/api/generate", json.dumps({"prompt": "hi", "max_new_tokens": 6, "stream": True}),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    assert response.getheader("Content-Security-Policy")
+    # read1 returns what has arrived so far: events come one by one, not in one buffered body.
+    events = list(sse_events(iter(lambda: response.read1(4096), b"")))
+    assert [k for k, _ in events][0] == "start" and events[-1][0] == "result"
+    assert sum(1 for k, _ in events if k == "token") == events[-1][1]["usage"]["completion_tokens"] or \
+        events[-1][1]["finish_reason"] == "stop"
+    connection.close()
+
+
+def test_disconnected_client_stops_its_generation(live_server):
+    url = live_server(MAX_NEW_TOKENS=512)
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    connection.request("POST", "/api/generate", json.dumps({"prompt": "go", "max_new_tokens": 512, "stream": True}),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    for kind, _ in sse_events(iter(lambda: response.read1(4096), b"")):
+        if kind == "token":
+            break
+    response.close()
+    connection.close()  # hang up mid-answer
+    wait_for(lambda: 'finish_reason="cancelled"' in get(f"{url}/metrics")[1])
+    assert metric(url, "dpolab_generated_tokens_total") < 512
+    assert get(f"{url}/healthz")[0] == 200
+
+
+def test_bounded_load_8_threads_x_8_requests(live_server):
+    """Acceptance 4: 8 client threads x 8 requests, tiny model, 2-slot queue (1 worker + 2 waiting):
+    no 5xx, every request answered (200) or refused (429 + Retry-After), server still healthy."""
+    url = live_server(WORKERS=1, MAX_QUEUE=2)
+    statuses: Counter[int] = Counter()
+    problems: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for j in range(8):
+            if j % 2:
+                status, headers, body = post(f"{url}/v1/completions", {"prompt": f"client {i} says", "max_tokens": 3})
+            else:
+                status, headers, body = post(f"{url}/api/generate", {"prompt": f"request {i}.{j}", "max_new_tokens": 3})
+            with lock:
+                statuses[status] += 1
+                if status == 200 and not ("text" in body or "choices" in body):
+                    problems.append(f"200 without an answer: {body}")
+                if status == 429 and not headers.get("Retry-After", "").isdigit():
+                    problems.append(f"429 without Retry-After: {headers}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert problems == []
+    assert sum(statuses.values()) == 64 and set(statuses) <= {200, 429}, statuses
+    assert statuses[200] >= 1
+    assert metric(url, "dpolab_rejected_total") == statuses[429]
+    assert get(f"{url}/healthz")[0] == 200
+    assert metric(url, "dpolab_queue_depth") == 0
+    assert post(f"{url}/api/generate", {"prompt": "still there?", "max_new_tokens": 2})[0] == 200
+
+
+def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path):
+    """The real start-up path of `dpolab serve RUN`: listens first (healthz 503 while loading),
+    then 200; Ctrl-C stops it cleanly. Run through the subcommand's own parser, since wiring it
+    into the top-level `dpolab` CLI is cli.py's job."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import argparse, sys\n"
+              "from dpolab.serve.cli import register\n"
+              "parser = argparse.ArgumentParser(prog='dpolab')\n"
+              "register(parser.add_subparsers())\n"
+              "args = parser.parse_args(sys.argv[1:])\n"
+              "sys.exit(args.func(args))\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", str(run_dir), "--port", "0", "--preferences",
+         str(tmp_path / "prefs.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        first = process.stdout.readline()
+        match = __import__("re").search(r"listening on (http://127\.0\.0\.1:\d+)", first)
+        assert match, first
+        url = match.group(1)
+        wait_for(lambda: get(f"{url}/healthz")[0] == 200, timeout=120)
+        status, _, body = post(f"{url}/api/generate", {"prompt": "hello", "max_new_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,105 @@
+"""Units behind the endpoints: stop strings while streaming, dialogue fitting, the experiments
+page for a sweep, model resolution and the `serve` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from dpolab.errors import DpolabError, RunFolderError
+from dpolab.serve.chat import TURN_STOPS, dialogue, fit_turns
+from dpolab.serve.generation import AnswerSink
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from dpolab.model import load_tokenizer
+
+    return load_tokenizer("tiny-gpt2")
+
+
+def test_sink_stops_at_next_human_turn_and_never_streams_it(tokenizer):
+    pieces: list[str] = []
+    sink = AnswerSink(tokenizer, TURN_STOPS, pieces.append)
+    for token in tokenizer(" Sure, here it is.\n\nHuman: and now me\n\nAssistant: no").input_ids:
+        sink.put_ids([token])
+    sink.end()
+    assert sink.stopped and sink.text == " Sure, here it is."
+    assert "".join(pieces) == sink.text  # nothing of "\n\nHuman:" ever went out, even partially
+
+
+def test_sink_holds_back_partial_characters_and_ends_at_eos(tokenizer):
+    pieces: list[str] = []
+    sink = AnswerSink(tokenizer, (), pieces.append)
+    ids = tokenizer(" café 👍").input_ids + [tokenizer.eos_token_id] + tokenizer(" after").input_ids
+    for token in ids:
+        sink.put_ids([token])
+    sink.end()
+    assert "".join(pieces) == " café 👍" and all("\ufffd" not in p for p in pieces)
+    assert sink.stopped and len(sink.ids) == len(ids) - len(tokenizer(" after").input_ids)
+
+
+def test_sink_user_stop_string(tokenizer):
+    sink = AnswerSink(tokenizer, ("END",), lambda _: None)
+    sink.put_ids(tokenizer(" one two END three").input_ids)
+    sink.end()
+    assert sink.text == " one two " and sink.stopped
+
+
+def test_dialogue_is_training_format():
+    turns = [{"role": "user", "content": "Hi "}, {"role": "assistant", "content": " Hello"},
+             {"role": "user", "content": "Bye"}]
+    assert dialogue(turns) == "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant:"
+
+
+def test_fit_turns_drops_whole_exchanges_and_keeps_system_last():
+    turns = [{"role": "system", "content": "sys"}, {"role": "user", "content": "a" * 50},
+             {"role": "assistant", "content": "b" * 50}, {"role": "user", "content": "q"}]
+    prompt, n_tokens, dropped = fit_turns(turns, len, budget=40, param="messages")
+    assert dropped == 2 and prompt == "sys\n\nHuman: q\n\nAssistant:" and n_tokens == len(prompt)
+
+
+def test_experiments_page_shows_sweep_table_and_plots(make_app, sweep_dir):
+    from dpolab.serve.models import load_served_models
+
+    client = make_app(MODELS=load_served_models(str(sweep_dir))).test_client()
+    info = client.get("/api/model").json
+    assert info["kind"] == "sweep" and info["sweep"]["trial"] == "trial-001" and info["beta"] == 0.2
+    assert info["server"]["experiments"] is True
+    html = client.get("/experiments").get_data(as_text=True)
+    assert "<th>beta</th>" in html and "<td>0.05</td>" in html and "<td>0.2</td>" in html
+    assert "trial-001 ★" in html and 'src="/experiments/report/loss_vs_beta.png"' in html
+    image = client.get("/experiments/report/loss_vs_beta.png")
+    assert image.status_code == 200 and image.data.startswith(b"\x89PNG")
+    assert client.get("/experiments/report/../sweep.json").status_code == 404
+
+
+def test_describe_rejects_non_model_folders(tmp_path):
+    from dpolab.serve.models import describe
+
+    with pytest.raises(RunFolderError, match="not a dpolab run, sweep or model folder"):
+        describe(str(tmp_path))
+
+
+def test_default_model_is_latest_result_with_clear_message(tmp_path, run_dir):
+    from dpolab.serve.models import default_source
+
+    with pytest.raises(DpolabError, match="no MODEL given and no finished run or sweep"):
+        default_source(tmp_path / "runs")
+    assert Path(default_source(run_dir.parent)).parent == run_dir.parent
+
+
+def test_serve_subcommand_parses_and_fails_in_one_line(tmp_path):
+    from dpolab.serve.cli import register
+
+    parser = argparse.ArgumentParser(prog="dpolab")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--port", "0", "--runs-dir", str(tmp_path), "--queue", "2"])
+    assert args.model is None and args.host == "127.0.0.1" and args.queue == 2 and args.reference is None
+    with pytest.raises(DpolabError, match="no MODEL given"):
+        args.func(args)
+    bad = parser.parse_args(["serve", str(tmp_path), "--port", "0"])
+    with pytest.raises(RunFolderError):
+        bad.func(bad)
