@@ -19,7 +19,7 @@ from dpolab.data import prepare_data
 from dpolab.dpo.logps import PreferenceCollator, concatenated_forward
 from dpolab.dpo.loss import preference_loss, preference_metrics
 from dpolab.dpo.reference import compute_reference_logps
-from dpolab.model import build_builtin, disable_dropout, load_tokenizer
+from dpolab.model import build_builtin, disable_dropout, load_tokenizer, use_fused_gelu
 
 trl = pytest.importorskip("trl")
 
@@ -47,6 +47,9 @@ def setup(tmp_path_factory):
 
 
 def dpolab_numbers(pairs, reference, policy, loss_type: str) -> dict[str, float]:
+    # As the dpolab engine runs them (fused GELU); TRL keeps GPT-2's stock Python GELU.
+    reference, policy = copy.deepcopy(reference), copy.deepcopy(policy)
+    assert use_fused_gelu(reference) == use_fused_gelu(policy) == 2
     ref_chosen, ref_rejected = compute_reference_logps(reference, pairs, pad_token_id=50256, batch_size=8,
                                                        chunk_size=128)  # (B,), (B,)
     batch = PreferenceCollator(50256)([pairs[i] for i in range(len(pairs))])
@@ -96,7 +99,7 @@ def trl_numbers(tmp_path, tokenizer, pairs, reference, policy, loss_type: str, p
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpolab_matches_trl_dpotrainer(setup, tmp_path, loss_type, precompute):
     tokenizer, pairs, reference, policy = setup
-    ours = dpolab_numbers(pairs, reference, copy.deepcopy(policy), loss_type)
+    ours = dpolab_numbers(pairs, reference, policy, loss_type)
     theirs = trl_numbers(tmp_path, tokenizer, pairs, reference, policy, loss_type, precompute)
     # A policy equal to its reference would make every reward 0 and the check vacuous.
     assert abs(ours["rewards/margins"]) > 1e-2
