@@ -59,7 +59,8 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     (out / "table.md").write_text(markdown)
     table_html = to_html(rows)
     (out / "table.html").write_text(f"<!doctype html>\n<meta charset='utf-8'>\n<style>{STYLE}</style>\n{table_html}")
-    table_figure(rows, f"{data.title}: hyper-parameters and results").savefig(out / "table.png")
+    table_figure(rows, f"{data.title}: hyper-parameters and results").savefig(
+        out / "table.png", bbox_inches="tight", pad_inches=0.25)
     images["table.png"] = (out / "table.png").read_bytes()
     report = out / "report.html"
     report.write_text(render_html(data, table_html, images))

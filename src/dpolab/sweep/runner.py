@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,9 @@ def run_sweep(config: SweepConfig, sweep_dir: str | Path, storage: str | None = 
             if trial is None:
                 if config.mode == "grid" or st.trials_used(study) >= config.n_trials:
                     break
-                trial = study.ask()
+                with warnings.catch_warnings():  # we send the heartbeats ourselves (study.Heartbeat)
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    trial = study.ask()
             run_trial(study, trial, config, sweep, backend)
             ran += 1
             update_best(study, config, sweep)

@@ -1,0 +1,133 @@
+"""Tracking: the system sampler (CPU always, GPU through NVML when present, no GPU is no error), the
+tracker defaults, and real MLflow (SQLite store) and W&B (offline) runs read back and compared with
+the run's own records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dpolab import tracking
+from dpolab.runs import RunFolder
+from dpolab.tracking import SystemSampler, env_defaults, sweep_tracker_defaults, tracker_defaults
+
+
+def test_sampler_without_gpu_records_cpu_and_rss(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "_nvml_handles", lambda: (None, []))
+    run = RunFolder.create(tmp_path / "run", {"engine": "dpolab"})
+    with SystemSampler(run, interval_s=0.05) as sampler:
+        sum(i * i for i in range(200_000))  # some CPU work to sample
+    rows = run.system()
+    assert len(rows) >= 2
+    assert all(r["rss_mb"] > 10 and r["cpu_percent"] >= 0 and "gpus" not in r for r in rows)
+    assert rows[-1]["time_s"] >= rows[0]["time_s"]
+    assert set(sampler.latest()) == {"system/cpu_percent", "system/rss_mb"}
+
+
+class FakeNVML:
+    """Two GPUs as NVML reports them (mW, mJ, bytes)."""
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 250_500 if handle == 0 else 80_000
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=97 if handle == 0 else 5)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=3 * 2**30)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        if handle == 1:
+            raise RuntimeError("not supported on this GPU")
+        return 1_234_000
+
+
+def test_sampler_with_gpus_records_power_energy_util_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "_nvml_handles", lambda: (FakeNVML(), [0, 1]))
+    run = RunFolder.create(tmp_path / "run", {"engine": "dpolab"})
+    with SystemSampler(run, interval_s=10) as sampler:
+        pass
+    gpus = run.system()[-1]["gpus"]
+    assert gpus[0] == {"index": 0, "power_w": 250.5, "util_percent": 97, "mem_mb": 3072.0, "energy_j": 1234.0}
+    assert gpus[1]["energy_j"] is None and gpus[1]["power_w"] == 80.0
+    latest = sampler.latest()
+    assert latest["system/gpu0_power_w"] == 250.5 and latest["system/gpu0_energy_j"] == 1234.0
+    assert "system/gpu1_energy_j" not in latest and latest["system/gpu1_util_percent"] == 5
+
+
+def test_tracker_defaults_never_override_the_user(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    defaults = tracker_defaults(["mlflow", "wandb"], tmp_path)
+    assert defaults["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    with env_defaults(defaults):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("mlflow.db")
+        assert os.environ["WANDB_DIR"] == str(tmp_path.resolve())
+        assert os.environ["WANDB_PROJECT"] == "mine"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and os.environ["WANDB_PROJECT"] == "mine"
+    group = sweep_tracker_defaults(["wandb", "mlflow"], tmp_path, "my-sweep")
+    assert group["WANDB_RUN_GROUP"] == "my-sweep" and group["MLFLOW_EXPERIMENT_NAME"] == "my-sweep"
+    assert tracker_defaults([], tmp_path) == {}
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of the offline W&B run, read back from its .wandb log with `wandb leet inspect`."""
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, list((run_dir / "wandb").iterdir())
+    wandb_cli = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+    out = subprocess.run([wandb_cli, "leet", "inspect", "--json", str(offline[0])], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]
+
+
+@pytest.mark.slow
+def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    from dpolab.config import TrainConfig
+    from dpolab.dpo.trainer import train
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_DIR", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = TrainConfig(model="tiny-gpt2", dataset="hh-rlhf-sample", max_train_pairs=16, max_eval_pairs=8,
+                         max_steps=2, per_device_train_batch_size=4, logging_steps=1, eval_steps=1,
+                         max_length=128, max_prompt_length=64, report_to=["mlflow", "wandb"],
+                         cache_dir=str(tmp_path / "cache"))
+    run = train(config, tmp_path / "run")
+    local_eval = {r["step"]: r["loss"] for r in run.metrics("eval")}
+    local_train = {r["step"]: r["loss"] for r in run.metrics("train") if "loss" in r}
+    assert sorted(local_eval) == [1, 2]
+
+    # MLflow: the default store is a SQLite file in the run folder.
+    assert (run.path / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run.path / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    mlflow_eval = {m.step: m.value for m in client.get_metric_history(run_id, "eval_loss")}
+    assert mlflow_eval.keys() == local_eval.keys()
+    assert all(math.isclose(mlflow_eval[s], local_eval[s], rel_tol=1e-6) for s in local_eval)
+    mlflow_train = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert all(math.isclose(mlflow_train[s], local_train[s], rel_tol=1e-3) for s in local_train)
+    assert client.get_metric_history(run_id, "system/cpu_percent"), "system metrics did not reach MLflow"
+
+    # W&B offline: the run lives in the run folder; its history holds the same eval loss.
+    history = _wandb_history(run.path)
+    wandb_eval = {row["train/global_step"]: row["eval/loss"] for row in history if "eval/loss" in row}
+    assert wandb_eval.keys() == local_eval.keys(), history
+    assert all(math.isclose(wandb_eval[s], local_eval[s], rel_tol=1e-6) for s in local_eval)
+    assert any("train/system/cpu_percent" in row for row in history), "system metrics did not reach W&B"
