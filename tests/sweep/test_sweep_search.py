@@ -88,3 +88,32 @@ def test_objective_lookup():
     assert objective_value(summary, "pairs_per_s") == 11.0
     with pytest.raises(KeyError):
         objective_value(summary, "eval/nope")
+
+
+def test_sweep_groups_its_trials_in_the_trackers(tmp_path, monkeypatch):
+    import os
+
+    import dpolab.dpo.trainer as trainer
+    import dpolab.sweep.runner as runner
+
+    for key in ("WANDB_RUN_GROUP", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    seen_env = []
+
+    def train(config, output_dir, resume=False, callbacks=None):
+        seen_env.append({k: os.environ.get(k) for k in ("WANDB_RUN_GROUP", "MLFLOW_EXPERIMENT_NAME",
+                                                         "MLFLOW_TRACKING_URI")} | {"report_to": config.report_to})
+        run = RunFolder.create(output_dir, {"engine": "fake"})
+        run.write_summary({"eval": {"loss": 0.5}})
+        return run
+
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(runner, "fill_caches", lambda config: [])
+    config = SweepConfig(name="lr-study", base=tiny_base(tmp_path / "cache"), trials=[{"name": "x"}, {"name": "y"}])
+    run_sweep(config, tmp_path / "sweep", report_to=["wandb", "mlflow"])
+    assert len(seen_env) == 2
+    for env in seen_env:
+        assert env["WANDB_RUN_GROUP"] == env["MLFLOW_EXPERIMENT_NAME"] == "lr-study"
+        assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{(tmp_path / 'sweep').resolve() / 'mlflow.db'}"
+        assert env["report_to"] == ["wandb", "mlflow"]
+    assert "WANDB_RUN_GROUP" not in os.environ  # scoped to the sweep
