@@ -84,3 +84,14 @@ def test_cli_bad_key_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == "dpolab train: error: command line: unknown key 'bta' (did you mean 'beta'?)"
+
+
+def test_learning_signal_on_held_out_pairs(tmp_path):
+    """DPO moves held-out implicit rewards the right way even for a random-init tiny GPT-2:
+    reward accuracy above chance and eval loss below ln 2 after a short seeded run."""
+    run = train(tiny_config(max_train_pairs=384, max_eval_pairs=96, per_device_train_batch_size=8,
+                            max_steps=48, learning_rate=5e-4, logging_steps=8, seed=42), tmp_path / "signal")
+    final = run.summary()["eval"]
+    assert final["rewards/accuracies"] > 0.5
+    assert final["loss"] < math.log(2)
+    assert final["rewards/margins"] > 0
