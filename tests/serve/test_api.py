@@ -261,6 +261,12 @@ def test_preference_row_is_hh_format(app, client):
     prompt_c, answer_c = row["chosen"].rsplit(ASSISTANT, 1)
     prompt_r, answer_r = row["rejected"].rsplit(ASSISTANT, 1)
     assert prompt_c == prompt_r and answer_r == " No."
+    # What `dpolab train --dataset FILE` does with the file: every row becomes a pair, none dropped.
+    from dpolab.data import DataReport, read_jsonl, to_pair
+
+    rows = read_jsonl(Path(app.config["PREFERENCES_PATH"]), DataReport(source="preferences"))
+    pair, reason = to_pair(rows[0])
+    assert reason is None and pair["chosen"] == " Sure, happy to." and pair["rejected"] == " No."
     missing = client.post("/api/preference", json={"prompt": "x", "chosen": "a"})
     assert missing.status_code == 400 and missing.json["error"]["param"] == "rejected"
 

@@ -89,6 +89,9 @@ def test_chat_stream_stop_compare_and_prefer(browser, live_server, tmp_path):
     assert prompt_c == prompt_r and prompt_c.startswith("\n\nHuman: Can you tell me a long story?")
     assert prompt_c.endswith("\n\nHuman: What is a good way to learn to cook?")
     assert answer_c == " " + reference_text.strip()
+    from dpolab.data import to_pair
+
+    assert to_pair(rows[0])[1] is None  # a valid training pair for the next `dpolab train --dataset`
 
     page.locator(".turn").first.scroll_into_view_if_needed()
     shot = SCREENSHOT if os.environ.get("DPOLAB_SCREENSHOT") == "1" else tmp_path / "web-app.png"
@@ -128,7 +131,8 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     assert page.evaluate("navigator.clipboard.readText()") == hostile.strip()
     page.click(".answer .regen")
     page.wait_for_selector(".answer[data-finish]")
-    assert page.locator(".turn").count() == 1 and page.is_enabled("#send")
+    page.wait_for_selector("#send:enabled")
+    assert page.locator(".turn").count() == 1
     page.click("#clear")
     assert page.locator(".turn").count() == 0 and page.is_visible("#empty")
     # Readable at phone width: nothing overflows sideways.

@@ -109,7 +109,9 @@ def test_bounded_load_8_threads_x_8_requests(live_server):
     assert not any(t.is_alive() for t in threads)
     assert problems == []
     assert sum(statuses.values()) == 64 and set(statuses) <= {200, 429}, statuses
-    assert statuses[200] >= 1
+    # 8 concurrent clients against 3 slots: some are answered, the overflow is refused, not queued
+    # without bound (a typical run here: 24 answered, 40 refused).
+    assert statuses[200] >= 1 and statuses[429] >= 1, statuses
     assert metric(url, "dpolab_rejected_total") == statuses[429]
     assert get(f"{url}/healthz")[0] == 200
     assert metric(url, "dpolab_queue_depth") == 0
