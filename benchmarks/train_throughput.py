@@ -184,6 +184,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         result = run_worker(script, worker_args)
         result["round"] = rnd
         runs.append(result)
+        if args.partial:  # keep what is done if a long benchmark is stopped early
+            write_results("train_throughput", {"partial": True, "machine": info, "runs": runs}, args.partial)
         logger.info("%s %s round %d: %.3f pairs/s, %.0f tokens/s, peak %.0f MB", model, variant, rnd,
                     result["pairs_per_s"], result["tokens_per_s"], result["peak_rss_mb"])
     info["load_avg_after"] = machine_info()["load_avg_1_5_15"]
@@ -244,6 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--partial", type=Path, default=None, help="rewrite this JSON after every run")
     # worker mode (one run; used by the orchestrator)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)

@@ -104,8 +104,12 @@ def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **o
     return trl.DPOConfig(**kwargs)
 
 
-def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False) -> RunFolder:
-    """Train ``config`` with TRL's DPOTrainer and write the same run folder as the dpolab engine."""
+def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
+              callbacks: list[Any] | None = None) -> RunFolder:
+    """Train ``config`` with TRL's DPOTrainer and write the same run folder as the dpolab engine.
+
+    ``callbacks``: extra ``TrainerCallback``s, as :func:`dpolab.dpo.trainer.train` takes them.
+    """
     import_trl()  # fail before any work when TRL is missing
     import torch
 
@@ -146,7 +150,7 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False)
         trainer = trainer_class(
             model=model, ref_model=reference, args=dpo_config(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"], processing_class=tokenizer,
-            callbacks=[recorder], system_sampler=sampler)
+            callbacks=[recorder, *(callbacks or [])], system_sampler=sampler)
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=last_checkpoint)
         wall_time = time.perf_counter() - start
