@@ -70,7 +70,9 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A real 1x1 PNG, as `dpolab report` would write plots.
     png = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                         "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
-    (sweep.report_dir / "loss_vs_beta.png").write_bytes(png)
+    for name in ("loss.png", "eval_loss.png", "table.png"):
+        (sweep.report_dir / name).write_bytes(png)
+    (sweep.report_dir / "report.html").write_text("<!doctype html><style>body{color:red}</style><h1>Report</h1>")
     return sweep.path
 
 

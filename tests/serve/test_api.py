@@ -314,3 +314,21 @@ def test_unknown_api_routes_are_json(client):
 
 def test_experiments_page_without_sweep(client):
     assert "not come from a sweep" in client.get("/experiments").get_data(as_text=True)
+
+
+def test_two_workers_generate_concurrently(make_app):
+    """WORKERS=2: both workers call generate() on the same shared model at once; every answer arrives."""
+    app = make_app(WORKERS=2, MAX_QUEUE=2)
+    results: list[int] = []
+
+    def ask(i: int) -> None:
+        response = app.test_client().post("/api/generate", json={"prompt": f"q{i}", "max_new_tokens": 4,
+                                                                 "compare": i % 2 == 0})
+        results.append(response.status_code if response.json.get("text") is not None else -1)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 4

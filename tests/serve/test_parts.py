@@ -70,9 +70,16 @@ def test_experiments_page_shows_sweep_table_and_plots(make_app, sweep_dir):
     assert info["server"]["experiments"] is True
     html = client.get("/experiments").get_data(as_text=True)
     assert "<th>beta</th>" in html and "<td>0.05</td>" in html and "<td>0.2</td>" in html
-    assert "trial-001 ★" in html and 'src="/experiments/report/loss_vs_beta.png"' in html
-    image = client.get("/experiments/report/loss_vs_beta.png")
+    assert "trial-001 ★" in html
+    # Plots from `dpolab report`, eval loss first; its table.png is not repeated under the HTML table.
+    assert html.index("/experiments/report/eval_loss.png") < html.index("/experiments/report/loss.png")
+    assert "table.png" not in html
+    image = client.get("/experiments/report/loss.png")
     assert image.status_code == 200 and image.data.startswith(b"\x89PNG")
+    report = client.get("/experiments/report.html")
+    assert report.status_code == 200 and "<h1>Report</h1>" in report.get_data(as_text=True)
+    assert "script-src" not in report.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in report.headers["Content-Security-Policy"]
     assert client.get("/experiments/report/../sweep.json").status_code == 404
 
 

@@ -14,6 +14,13 @@ bp = Blueprint("ui", __name__)
 
 # Config keys that differ between trials for bookkeeping reasons, not as hyperparameters.
 NOT_HYPERPARAMETERS = {"run_name", "cache_dir", "report_to", "output_dir", "device", "num_threads"}
+PLOT_ORDER = ("eval_loss.png", "rewards.png", "loss.png", "system.png")
+PLOT_CAPTIONS = {
+    "loss.png": "Training loss vs optimizer step, every configuration.",
+    "eval_loss.png": "Final eval loss per configuration and eval loss over training.",
+    "rewards.png": "Reward margin and reward accuracy on held-out pairs at each evaluation.",
+    "system.png": "System: GPU power when a GPU was present, else process CPU use.",
+}
 EVAL_COLUMNS = (("loss", "eval loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
 
 
@@ -52,9 +59,25 @@ def experiments() -> Any:
         return render_template("ui/experiments.html", sweep=None, loading=not jobs.engine().ready.is_set())
     sweep = SweepFolder.open(sweep_dir)
     report = sweep.report_dir
-    images = sorted(p.name for p in report.glob("*.png")) if report.is_dir() else []
+    # `dpolab report` writes loss.png, eval_loss.png, rewards.png, system.png and table.png; the
+    # table is already rendered above as HTML, so its picture is left out.
+    names = {p.name for p in report.glob("*.png")} - {"table.png"} if report.is_dir() else set()
+    images = [n for n in PLOT_ORDER if n in names] + sorted(names - set(PLOT_ORDER))
     return render_template("ui/experiments.html", sweep=sweep.info(), table=sweep_table(sweep), images=images,
-                           has_report=report.is_dir(), sweep_path=str(sweep_dir), loading=False)
+                           captions=PLOT_CAPTIONS, has_report=report.is_dir(),
+                           full_report=(report / "report.html").is_file(), sweep_path=str(sweep_dir), loading=False)
+
+
+@bp.get("/experiments/report.html")
+def full_report() -> Any:
+    """`dpolab report`'s self-contained report.html (inline styles, data: images, no scripts)."""
+    sweep_dir = _sweep_dir()
+    if sweep_dir is None:
+        abort(404)
+    response = send_from_directory(SweepFolder(sweep_dir).report_dir, "report.html")
+    # Our own generated file, but still: styles only, never scripts.
+    response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+    return response
 
 
 @bp.get("/experiments/report/<path:name>")
