@@ -26,8 +26,16 @@ def test_conservative_dpo_label_smoothing_by_hand():
 
 
 def test_ipo_by_hand():
-    losses, _, _ = preference_loss(*ARGS, beta=0.5, loss_type="ipo")
+    one = torch.tensor([1.0])
+    losses, _, _ = preference_loss(*ARGS, beta=0.5, loss_type="ipo", chosen_lengths=one, rejected_lengths=one)
     assert losses.item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)  # = 1.0
+    # per-token log-ratios: chosen +1 over 2 tokens, rejected -1 over 1 token: h = 0.5 + 1 = 1.5
+    losses, chosen, _ = preference_loss(*ARGS, beta=0.5, loss_type="ipo", chosen_lengths=torch.tensor([2.0]),
+                                        rejected_lengths=one)
+    assert losses.item() == pytest.approx((1.5 - 1) ** 2)  # = 0.25
+    assert chosen.item() == pytest.approx(0.5)  # rewards stay on summed log-ratios (as in TRL)
+    with pytest.raises(ValueError, match="needs chosen_lengths"):
+        preference_loss(*ARGS, beta=0.5, loss_type="ipo")
 
 
 def test_hinge_by_hand():

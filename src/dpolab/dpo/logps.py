@@ -129,6 +129,12 @@ def concatenated_forward(
     return logps.chunk(2)
 
 
+def answer_lengths(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Answer tokens per pair, ``{"chosen_lengths": (B,), "rejected_lengths": (B,)}`` (IPO needs them)."""
+    chosen_lengths, rejected_lengths = batch["answer_mask"].sum(1).float().chunk(2)
+    return {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+
+
 def _unwrap(model: torch.nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
 

@@ -23,6 +23,8 @@ def preference_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair preference loss and implicit rewards.
 
@@ -35,9 +37,14 @@ def preference_loss(
         loss_type:
             ``sigmoid``: DPO, Eq. 7. With ``label_smoothing`` = eps > 0 it is conservative DPO
                 (cDPO): labels are assumed flipped with probability eps.
-            ``ipo``: IPO (arXiv 2310.12036, Eq. 17): (h - 1/(2 tau))^2 on the log-ratio difference.
+            ``ipo``: IPO (arXiv 2310.12036, Eq. 17): (h - 1/(2 tau))^2, where each log-ratio is
+                divided by its answer length first. The summed form makes the squared loss grow
+                with answer length; the per-token form is what the IPO paper's results used (TRL
+                confirmed it with the authors) and what TRL computes, so numbers compare.
             ``hinge``: SLiC (arXiv 2305.10425): relu(1 - beta * h).
         label_smoothing: eps in [0, 0.5), ``sigmoid`` only.
+        chosen_lengths: (B,) answer tokens of each chosen answer; required for ``ipo``.
+        rejected_lengths: (B,) same for the rejected answers.
 
     Returns:
         losses: (B,) loss per pair (the caller averages).
@@ -54,7 +61,10 @@ def preference_loss(
             - F.logsigmoid(-beta * logits) * label_smoothing
         )
     elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type 'ipo' needs chosen_lengths and rejected_lengths")
+        per_token_logits = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths  # (B,)
+        losses = (per_token_logits - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * logits)
     else:

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import dpolab
 from dpolab.config import TrainConfig, save_config
 from dpolab.data import default_cache_dir, prepare_data
-from dpolab.dpo.logps import PreferenceCollator, concatenated_forward
+from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import preference_loss, preference_metrics
 from dpolab.dpo.reference import add_reference_logps
 from dpolab.errors import ConfigError
@@ -67,7 +67,8 @@ class DPOEngine(Trainer):
             policy_chosen_logps, policy_rejected_logps,
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             beta=self.dpo_config.beta, loss_type=self.dpo_config.loss_type,
-            label_smoothing=self.dpo_config.label_smoothing)
+            label_smoothing=self.dpo_config.label_smoothing,
+            **answer_lengths(inputs))
         mode = "train" if model.training else "eval"
         if mode == "train":
             self.pairs_seen += policy_chosen_logps.shape[0]

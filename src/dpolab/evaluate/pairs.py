@@ -24,9 +24,11 @@ def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_datas
                   chunk_size=config.logps_chunk_size)
     ref_chosen, ref_rejected = compute_reference_logps(reference, eval_dataset, desc="reference", **kwargs)
     pol_chosen, pol_rejected = compute_reference_logps(policy, eval_dataset, desc="policy", **kwargs)
+    lengths = {f"{side}_lengths": torch.tensor([len(ids) for ids in eval_dataset[f"{side}_ids"]], dtype=torch.float32)
+               for side in ("chosen", "rejected")}  # (B,) answer tokens, for IPO
     losses, chosen_rewards, rejected_rewards = preference_loss(
         pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss_type,
-        label_smoothing=config.label_smoothing)
+        label_smoothing=config.label_smoothing, **lengths)
     metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, pol_chosen, pol_rejected)
     metrics.update({
         "logps/ref_chosen": ref_chosen.mean().item(),
