@@ -193,20 +193,24 @@ def _first_token(response) -> tuple[str, list]:
     raise AssertionError(f"no token event: {events}")
 
 
-def test_stop_cancels_generation_on_server(client):
-    response = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 64, "stream": True,
+def test_stop_cancels_generation_on_server(make_app):
+    # 512 tokens: far more than can be generated between reading the first token and cancelling.
+    client = make_app(MAX_NEW_TOKENS=512).test_client()
+    response = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 512, "stream": True,
                                                   "temperature": 1.0}, buffered=False)
     job_id, _ = _first_token(response)
     assert client.post(f"/api/generate/{job_id}/cancel").json["cancelled"] is True
     rest = list(sse_events(response.response))
     result = rest[-1][1]
     assert rest[-1][0] == "result" and result["finish_reason"] == "cancelled"
-    assert result["usage"]["completion_tokens"] < 64
+    assert result["usage"]["completion_tokens"] < 512
     assert client.post(f"/api/generate/{job_id}/cancel").status_code == 404  # finished: nothing to cancel
 
 
-def test_client_disconnect_cancels_generation(app, client):
-    response = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 64, "stream": True},
+def test_client_disconnect_cancels_generation(make_app):
+    app = make_app(MAX_NEW_TOKENS=512)
+    client = app.test_client()
+    response = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 512, "stream": True},
                            buffered=False)
     _first_token(response)
     response.close()  # what the WSGI server does when the client goes away
@@ -215,9 +219,9 @@ def test_client_disconnect_cancels_generation(app, client):
 
 
 def test_full_queue_answers_429_with_retry_after(make_app):
-    app = make_app(WORKERS=1, MAX_QUEUE=1)
+    app = make_app(WORKERS=1, MAX_QUEUE=1, MAX_NEW_TOKENS=512)
     client = app.test_client()
-    body = {"prompt": "go", "max_new_tokens": 64, "stream": True}
+    body = {"prompt": "go", "max_new_tokens": 512, "stream": True}
     running = client.post("/api/generate", json=body, buffered=False)
     running_id, _ = _first_token(running)
     queued = client.post("/api/generate", json=body, buffered=False)
@@ -227,16 +231,17 @@ def test_full_queue_answers_429_with_retry_after(make_app):
     assert refused.json["error"]["code"] == "queue_full"
     assert metric(client, "dpolab_rejected_total") == 1
     client.post(f"/api/generate/{running_id}/cancel")
-    queued.close()
+    queued.close()  # closed before its body was ever read: must still cancel its queued job
     running.close()
     wait_idle(app)
+    assert 'dpolab_generations_total{finish_reason="cancelled"} 2' in client.get("/metrics").get_data(as_text=True)
     assert client.post("/api/generate", json={"prompt": "again", "max_new_tokens": 2}).status_code == 200
 
 
 def test_request_time_limit(make_app):
-    client = make_app(REQUEST_TIMEOUT_S=0.05).test_client()
-    body = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 64}).json
-    assert body["finish_reason"] == "time_limit" and body["usage"]["completion_tokens"] < 64
+    client = make_app(REQUEST_TIMEOUT_S=0.05, MAX_NEW_TOKENS=512).test_client()
+    body = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 512}).json
+    assert body["finish_reason"] == "time_limit" and body["usage"]["completion_tokens"] < 512
 
 
 def test_metrics_prometheus_text(client):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, stream_with_context
+from flask import Blueprint, Response, current_app, jsonify
 
 from dpolab.serve import jobs
 from dpolab.serve.preferences import append_row, count_rows, preference_row
@@ -85,7 +85,7 @@ def generate() -> Any:
             else:
                 yield jobs.sse(payload, kind)
 
-    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=jobs.SSE_HEADERS)
+    return jobs.sse_response(job, events())
 
 
 def _response(head: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:

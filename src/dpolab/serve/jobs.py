@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import current_app, request
+from flask import Response, current_app, request, stream_with_context
 
 from dpolab.serve.chat import TURN_STOPS, check_turns, fit_turns
 from dpolab.serve.generation import Engine, Job, NotReady, QueueFull
@@ -140,3 +140,11 @@ def sse(data: Any, event: str | None = None) -> str:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_response(job: Job, body: Iterator[str]) -> Response:
+    """A streaming response whose closing always cancels the job: the generator's own ``finally``
+    does not run when the server closes the response before ever iterating it."""
+    response = Response(stream_with_context(body), mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.call_on_close(job.cancel)  # harmless once the job is done
+    return response

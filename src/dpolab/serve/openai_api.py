@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, stream_with_context
+from flask import Blueprint, jsonify
 
 from dpolab.serve import jobs
 from dpolab.serve.generation import Job
@@ -157,4 +157,4 @@ def _respond(job: Job, meta: dict[str, Any], stream: bool, include_usage: bool, 
                                           "param": None, "code": "generation_failed"}})
         yield "data: [DONE]\n\n"
 
-    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=jobs.SSE_HEADERS)
+    return jobs.sse_response(job, events())
