@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,11 +234,27 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     if config.engine == "trl":
         from dpolab.dpo.trl_engine import train_trl
 
-        return train_trl(config, output_dir, resume)
+        return train_trl(config, output_dir, resume, callbacks)
     run = prepare_run(config, output_dir, resume, engine="dpolab")
     tokenizer, model, datasets, report, reference_info, device, dtype = load_prepared(config)
     run.write_data_report(report.to_dict())
 
+    def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
+        return DPOEngine(
+            model=model, args=training_arguments(config, run, device, dtype),
+            train_dataset=datasets["train"], eval_dataset=datasets["eval"],
+            data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+            callbacks=trainer_callbacks, dpo_config=config, system_sampler=sampler)
+
+    return fit(run, config, resume, make_trainer, tokenizer, datasets, reference_info, callbacks)
+
+
+def fit(run: RunFolder, config: TrainConfig, resume: bool,
+        make_trainer: Callable[[list[TrainerCallback], SystemSampler], Trainer],
+        tokenizer, datasets, reference_info: dict[str, Any],
+        callbacks: list[TrainerCallback] | None = None) -> RunFolder:
+    """What both engines share around ``Trainer.train``: resume, records, trackers, the final
+    evaluation, the saved model and ``summary.json``."""
     last_checkpoint = last_complete_checkpoint(run.checkpoints_dir) if resume else None
     if last_checkpoint:
         step = int(Path(last_checkpoint).name.split("-")[-1])
@@ -248,24 +265,20 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
 
     recorder = RunRecorder(run)
     with tracker_session(config.report_to, run.path), SystemSampler(run) as sampler:
-        engine = DPOEngine(
-            model=model, args=training_arguments(config, run, device, dtype),
-            train_dataset=datasets["train"], eval_dataset=datasets["eval"],
-            data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-            callbacks=[recorder, *(callbacks or [])], dpo_config=config, system_sampler=sampler)
+        trainer = make_trainer([recorder, *(callbacks or [])], sampler)
         start = time.perf_counter()
-        engine.train(resume_from_checkpoint=last_checkpoint)
+        trainer.train(resume_from_checkpoint=last_checkpoint)
         wall_time = time.perf_counter() - start
         eval_rows = run.metrics("eval")
-        if not eval_rows or eval_rows[-1]["step"] != engine.state.global_step:
-            engine.evaluate()
+        if not eval_rows or eval_rows[-1]["step"] != trainer.state.global_step:
+            trainer.evaluate()
             eval_rows = run.metrics("eval")
 
-    if engine.is_world_process_zero():
-        engine.save_model(str(run.model_dir))
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(run.model_dir))
         tokenizer.save_pretrained(str(run.model_dir))
-        write_summary(run, engine, recorder, eval_rows[-1], reference_info, wall_time, datasets)
-    engine.accelerator.wait_for_everyone()
+        write_summary(run, trainer, recorder, eval_rows[-1], reference_info, wall_time, datasets)
+    trainer.accelerator.wait_for_everyone()
     logger.info("run finished: %s", run.path)
     return run
 

@@ -13,16 +13,13 @@ Two TRL 1.16 behaviours matter here (checked in ``trl/trainer/dpo_trainer.py``):
   off, TRL's default): an independent check of dpolab's cached reference pass. With a built-in
   model there is no Hub id for TRL to load a reference from, so we pass a second copy.
 
-Known semantic differences (TRL's choice, kept so this engine *is* TRL):
-``loss_type='ipo'`` divides each log-ratio by its answer length before the square (dpolab uses
-the summed log-ratio, IPO paper Eq. 17); ``label_smoothing`` has no meaning for TRL's ``sigmoid``
-loss, so cDPO is refused rather than silently ignored.
+One semantic difference: ``label_smoothing`` has no meaning for TRL 1.16's ``sigmoid`` loss, so
+cDPO is refused rather than silently ignored.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +111,8 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     import torch
 
     from dpolab.data import prepare_data
-    from dpolab.dpo.trainer import (
-        RunRecorder,
-        drop_metrics_after,
-        get_last_checkpoint_or_none,
-        prepare_run,
-        write_summary,
-    )
+    from dpolab.dpo.trainer import fit, prepare_run
     from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device, resolve_dtype
-    from dpolab.tracking import SystemSampler
 
     run = prepare_run(config, output_dir, resume, engine="trl")
     if config.num_threads:
@@ -135,36 +125,14 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         disable_dropout(m)
     datasets, report, _ = prepare_data(config, tokenizer)
     run.write_data_report(report.to_dict())
-
-    last_checkpoint = get_last_checkpoint_or_none(run.checkpoints_dir) if resume else None
-    if last_checkpoint:
-        step = int(Path(last_checkpoint).name.split("-")[-1])
-        logger.info("resuming from %s (step %d)", last_checkpoint, step)
-        drop_metrics_after(run, step)
-    elif run.metrics_path.exists():
-        run.metrics_path.unlink()
-
-    recorder = RunRecorder(run)
     trainer_class = pretokenized_trainer_class()
-    with SystemSampler(run) as sampler:
-        trainer = trainer_class(
+
+    def make_trainer(trainer_callbacks: list[Any], sampler: Any) -> Any:
+        return trainer_class(
             model=model, ref_model=reference, args=dpo_config(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"], processing_class=tokenizer,
-            callbacks=[recorder, *(callbacks or [])], system_sampler=sampler)
-        start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=last_checkpoint)
-        wall_time = time.perf_counter() - start
-        eval_rows = run.metrics("eval")
-        if not eval_rows or eval_rows[-1]["step"] != trainer.state.global_step:
-            trainer.evaluate()
-            eval_rows = run.metrics("eval")
+            callbacks=trainer_callbacks, system_sampler=sampler)
 
-    if trainer.is_world_process_zero():
-        trainer.save_model(str(run.model_dir))
-        tokenizer.save_pretrained(str(run.model_dir))
-        # TRL scores the reference inside every step: no separate pass, no cache.
-        reference_info = {"reference_cache": "none", "reference_time_s": 0.0, "reference_key": None}
-        write_summary(run, trainer, recorder, eval_rows[-1], reference_info, wall_time, datasets)
-    trainer.accelerator.wait_for_everyone()
-    logger.info("run finished: %s", run.path)
-    return run
+    # TRL scores the reference inside every step: no separate pass, no cache.
+    reference_info = {"reference_cache": "none", "reference_time_s": 0.0, "reference_key": None}
+    return fit(run, config, resume, make_trainer, tokenizer, datasets, reference_info, callbacks)
