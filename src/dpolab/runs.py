@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import yaml
 
@@ -69,10 +69,52 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class RunFolder:
-    """One training run's records. Create with :meth:`create`, read with :meth:`open`."""
+class _RecordFolder:
+    """What run and sweep folders share: an identity file (``run.json`` / ``sweep.json``) whose
+    ``format`` says which contract the folder follows."""
 
     path: Path
+
+    KIND: ClassVar[str]
+    IDENTITY: ClassVar[str]
+    FORMAT: ClassVar[str]
+
+    @property
+    def identity_path(self) -> Path:
+        return self.path / self.IDENTITY
+
+    @classmethod
+    def create(cls, path: str | Path, info: dict[str, Any]) -> Self:
+        """Make (or reuse, for a resume) the folder and write its identity file."""
+        folder = cls(Path(path))
+        folder.path.mkdir(parents=True, exist_ok=True)
+        write_json(folder.identity_path, {"format": cls.FORMAT, "name": folder.path.name, **info})
+        return folder
+
+    @classmethod
+    def open(cls, path: str | Path) -> Self:
+        folder = cls(Path(path))
+        info = read_json(folder.identity_path) if folder.identity_path.exists() else None
+        if not info or info.get("format") != cls.FORMAT:
+            raise RunFolderError(f"{folder.path}: not a dpolab {cls.KIND} folder "
+                                 f"(no {cls.IDENTITY} with format {cls.FORMAT})")
+        return folder
+
+    @classmethod
+    def is_folder(cls, path: str | Path) -> bool:
+        return (Path(path) / cls.IDENTITY).is_file()
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.identity_path)
+
+
+@dataclass(frozen=True)
+class RunFolder(_RecordFolder):
+    """One training run's records. Create with :meth:`create`, read with :meth:`open`."""
+
+    KIND: ClassVar[str] = "run"
+    IDENTITY: ClassVar[str] = "run.json"
+    FORMAT: ClassVar[str] = RUN_FORMAT
 
     run_json = property(lambda self: self.path / "run.json")
     config_path = property(lambda self: self.path / "config.yaml")
@@ -84,27 +126,8 @@ class RunFolder:
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
 
     @classmethod
-    def create(cls, path: str | Path, info: dict[str, Any]) -> RunFolder:
-        """Make (or reuse, for --resume) a run folder and write ``run.json``."""
-        run = cls(Path(path))
-        run.path.mkdir(parents=True, exist_ok=True)
-        write_json(run.run_json, {"format": RUN_FORMAT, "name": run.path.name, **info})
-        return run
-
-    @classmethod
-    def open(cls, path: str | Path) -> RunFolder:
-        run = cls(Path(path))
-        info = read_json(run.run_json) if run.run_json.exists() else None
-        if not info or info.get("format") != RUN_FORMAT:
-            raise RunFolderError(f"{run.path}: not a dpolab run folder (no run.json with format {RUN_FORMAT})")
-        return run
-
-    @staticmethod
-    def is_run(path: str | Path) -> bool:
-        return (Path(path) / "run.json").is_file()
-
-    def info(self) -> dict[str, Any]:
-        return read_json(self.run_json)
+    def is_run(cls, path: str | Path) -> bool:
+        return cls.is_folder(path)
 
     def config(self) -> dict[str, Any]:
         return yaml.safe_load(self.config_path.read_text())
@@ -139,11 +162,13 @@ class RunFolder:
 
 
 @dataclass(frozen=True)
-class SweepFolder:
+class SweepFolder(_RecordFolder):
     """A sweep: ``sweep.json``, ``study.db`` (Optuna, SQLite default), ``trials/<name>/`` run
     folders, and ``best.json`` naming the best trial and the stable path of its model."""
 
-    path: Path
+    KIND: ClassVar[str] = "sweep"
+    IDENTITY: ClassVar[str] = "sweep.json"
+    FORMAT: ClassVar[str] = SWEEP_FORMAT
 
     sweep_json = property(lambda self: self.path / "sweep.json")
     trials_dir = property(lambda self: self.path / "trials")
@@ -153,25 +178,13 @@ class SweepFolder:
 
     @classmethod
     def create(cls, path: str | Path, info: dict[str, Any]) -> SweepFolder:
-        sweep = cls(Path(path))
-        sweep.trials_dir.mkdir(parents=True, exist_ok=True)
-        write_json(sweep.sweep_json, {"format": SWEEP_FORMAT, "name": sweep.path.name, **info})
+        sweep = super().create(path, info)
+        sweep.trials_dir.mkdir(exist_ok=True)
         return sweep
 
     @classmethod
-    def open(cls, path: str | Path) -> SweepFolder:
-        sweep = cls(Path(path))
-        info = read_json(sweep.sweep_json) if sweep.sweep_json.exists() else None
-        if not info or info.get("format") != SWEEP_FORMAT:
-            raise RunFolderError(f"{sweep.path}: not a dpolab sweep folder (no sweep.json with format {SWEEP_FORMAT})")
-        return sweep
-
-    @staticmethod
-    def is_sweep(path: str | Path) -> bool:
-        return (Path(path) / "sweep.json").is_file()
-
-    def info(self) -> dict[str, Any]:
-        return read_json(self.sweep_json)
+    def is_sweep(cls, path: str | Path) -> bool:
+        return cls.is_folder(path)
 
     def trial_dir(self, name: str) -> Path:
         return self.trials_dir / name
