@@ -243,7 +243,7 @@ def latest_result(root: str | Path = "runs") -> Path | None:
     candidates = []
     for child in root.iterdir():
         if SweepFolder.is_sweep(child) and (child / "best.json").exists():
-            candidates.append((child / "best.json").stat().st_mtime, child)
+            candidates.append(((child / "best.json").stat().st_mtime, child))
         elif RunFolder.is_run(child) and (child / "summary.json").exists():
-            candidates.append((child / "summary.json").stat().st_mtime, child)
+            candidates.append(((child / "summary.json").stat().st_mtime, child))
     return max(candidates)[1] if candidates else None

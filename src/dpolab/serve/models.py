@@ -57,28 +57,13 @@ class ServedModels:
 
 def default_source(runs_dir: str | Path = "runs") -> str:
     """The most recent finished run or sweep under ``runs_dir`` (what `dpolab serve` shows)."""
-    try:
-        latest = latest_result(runs_dir)
-    except TypeError:
-        # dpolab.runs.latest_result (at a07dd8f) calls list.append with two arguments; until that
-        # is fixed there, pick the newest finished run/sweep the same way here.
-        latest = _latest_result(Path(runs_dir))
+    latest = latest_result(runs_dir)
     if latest is None:
         raise DpolabError(
             f"no MODEL given and no finished run or sweep under {Path(runs_dir).resolve()}: "
             "train one first (dpolab train / dpolab sweep) or pass MODEL (a run, sweep or export "
             "folder, or a Hub id such as gpt2)")
     return str(latest)
-
-
-def _latest_result(root: Path) -> Path | None:
-    candidates = []
-    for child in root.iterdir() if root.is_dir() else []:
-        if SweepFolder.is_sweep(child) and SweepFolder(child).best_json.exists():
-            candidates.append((SweepFolder(child).best_json.stat().st_mtime, str(child)))
-        elif RunFolder.is_run(child) and RunFolder(child).summary_path.exists():
-            candidates.append((RunFolder(child).summary_path.stat().st_mtime, str(child)))
-    return Path(max(candidates)[1]) if candidates else None
 
 
 def describe(source: str) -> tuple[dict[str, Any], RunFolder | None, Path | None]:
