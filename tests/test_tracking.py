@@ -23,11 +23,17 @@ from dpolab.tracking import SystemSampler, env_defaults, sweep_tracker_defaults,
 def test_sampler_without_gpu_records_cpu_and_rss(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "_nvml_handles", lambda: (None, []))
     run = RunFolder.create(tmp_path / "run", {"engine": "dpolab"})
+    import time
+
     with SystemSampler(run, interval_s=0.05) as sampler:
-        sum(i * i for i in range(200_000))  # some CPU work to sample
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:  # busy: CPU work to sample
+            sum(i * i for i in range(1000))
     rows = run.system()
-    assert len(rows) >= 2
-    assert all(r["rss_mb"] > 10 and r["cpu_percent"] >= 0 and "gpus" not in r for r in rows)
+    assert len(rows) >= 3
+    cores = os.cpu_count() or 1
+    assert all(r["rss_mb"] > 10 and 0 <= r["cpu_percent"] <= 100 * cores and "gpus" not in r for r in rows)
+    assert max(r["cpu_percent"] for r in rows) > 10  # the busy loop shows
     assert rows[-1]["time_s"] >= rows[0]["time_s"]
     assert set(sampler.latest()) == {"system/cpu_percent", "system/rss_mb"}
 

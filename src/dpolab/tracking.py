@@ -51,7 +51,7 @@ class SystemSampler:
     def sample(self) -> dict[str, Any]:
         row: dict[str, Any] = {
             "time_s": round(time.monotonic() - self._start, 3),
-            "cpu_percent": self._process.cpu_percent(None),
+            "cpu_percent": min(self._process.cpu_percent(None), 100.0 * (psutil.cpu_count() or 1)),
             "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
         }
         if self._gpus:
@@ -79,10 +79,10 @@ class SystemSampler:
         return flat
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        # Wait first: cpu_percent over the few microseconds since priming is tick noise (thousands of %).
+        while not self._stop.wait(self.interval_s):
             self._latest = self.sample()
             self.run.append_system(self._latest)
-            self._stop.wait(self.interval_s)
 
     def __enter__(self) -> SystemSampler:
         self._process.cpu_percent(None)  # prime: the first call always returns 0.0

@@ -110,7 +110,7 @@ def test_report_files_images_and_table_match_records(tmp_path):
     images = {}
     for name in ("loss.png", "eval_loss.png", "rewards.png", "system.png", "table.png"):
         pixels = imread(sweep.report_dir / name)
-        assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 500, name
+        assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 500, name
         assert pixels[..., :3].std() > 0.05, f"{name} is blank"
         images[name] = pixels
     assert not np.array_equal(images["loss.png"], images["rewards.png"])

@@ -27,7 +27,7 @@ def test_grid_three_trials_reference_once_best_recorded(tmp_path, caplog):
     config = SweepConfig(base=tiny_base(tmp_path / "cache"), trials=[
         {"name": "lr1e-4", "learning_rate": 1e-4},
         {"name": "lr3e-3", "learning_rate": 3e-3, "weight_decay": 0.01},
-        {"name": "lr1e-2", "learning_rate": 1e-2, "beta": 0.2},
+        {"name": "lr1e-2", "learning_rate": 1e-2, "beta": 0.2, "max_steps": 3},  # eval_steps 2: evals at 2 and 3
     ])
     with caplog.at_level(logging.INFO):
         sweep = run_sweep(config, tmp_path / "sweep")
@@ -50,6 +50,10 @@ def test_grid_three_trials_reference_once_best_recorded(tmp_path, caplog):
     # Each trial trained with its own config (beta really changes: Trainer.hyperparameter_search could not).
     assert RunFolder(trials["lr1e-2"].path).config()["beta"] == 0.2
     assert trials["lr3e-3"].config()["learning_rate"] == 3e-3
+
+    # The last step's eval happened inside training (EvaluateAtEnd), once.
+    assert [r["step"] for r in trials["lr1e-2"].metrics("eval")] == [2, 3]
+    assert summaries["lr1e-2"]["eval"]["step"] == 3
 
     losses = {name: s["eval"]["loss"] for name, s in summaries.items()}
     best = sweep.best()

@@ -72,7 +72,7 @@ def table_figure(rows: list[dict[str, str]], title: str) -> Figure:
     """The table as an image (for slides and the model card), best row highlighted."""
     columns = [c for c in COLUMNS if c != "status"] + ["status"]
     cells = [[row[c] if c != "status" else row[c][:28] for c in columns] for row in rows] or [["—"] * len(columns)]
-    fig = Figure(figsize=(15, 1.2 + 0.42 * max(1, len(rows))), dpi=120)
+    fig = Figure(figsize=(30, 1.0 + 0.3 * max(1, len(rows))), dpi=120)
     ax = fig.add_subplot()
     ax.axis("off")
     ax.set_title(title, fontsize=12, fontweight="bold")
@@ -87,5 +87,10 @@ def table_figure(rows: list[dict[str, str]], title: str) -> Figure:
             cell.set_text_props(fontweight="bold")
         elif rows and rows[r - 1]["trial"].startswith(BEST_MARK):
             cell.set_facecolor("#fff2b3")
-    fig.tight_layout()
+    # Fit the figure to the table: auto column widths make its size known only once drawn.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    width = table.get_window_extent().width / fig.dpi
+    fig.set_size_inches(max(6.0, width + 0.6), fig.get_size_inches()[1])
     return fig
