@@ -105,6 +105,7 @@ def plot_system(trials: list[TrialRecords]) -> Figure:
         else:
             values = [r.get("cpu_percent", 0.0) for r in t.system]
         ax.plot(times, values, color=color(i), label=_label(t), marker="." if len(times) < 30 else None)
+    ax.set_ylim(bottom=0)  # absolute scale: a flat 195-198 % must not look like a swing
     if gpu:
         _finish(fig, ax, "GPU power during training", "time since training start (s)", "GPU power, all GPUs (W)")
     else:
