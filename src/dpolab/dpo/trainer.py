@@ -104,6 +104,18 @@ class DPOEngine(Trainer):
         super().log(logs, start_time)
 
 
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate at the last optimizer step inside the training loop, so trackers (MLflow closes its
+    run when training ends) and the sweep's pruner see the final evaluation. With per-epoch
+    evaluation the last epoch's end already does it; a run cut mid-epoch by max_steps is
+    evaluated by :func:`fit` afterwards."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == "steps" and state.global_step >= state.max_steps > 0:
+            control.should_evaluate = True
+        return control
+
+
 class RunRecorder(TrainerCallback):
     """Appends every train log and evaluation to the run folder's ``metrics.jsonl``."""
 
@@ -265,7 +277,7 @@ def fit(run: RunFolder, config: TrainConfig, resume: bool,
 
     recorder = RunRecorder(run)
     with tracker_session(config.report_to, run.path), SystemSampler(run) as sampler:
-        trainer = make_trainer([recorder, *(callbacks or [])], sampler)
+        trainer = make_trainer([recorder, EvaluateAtEnd(), *(callbacks or [])], sampler)
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=last_checkpoint)
         wall_time = time.perf_counter() - start

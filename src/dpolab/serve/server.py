@@ -48,5 +48,10 @@ class ServerThread:
 
     def close(self) -> None:
         self.app.extensions["dpolab.engine"].close()
-        self.server.close()
+        # Close from inside waitress's own loop thread (closing its sockets from this thread while
+        # that one sits in select() makes select fail with EBADF), and close every channel, open
+        # keep-alive connections included: the loop only ends when its socket map is empty.
+        from waitress import wasyncore
+
+        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
         self._thread.join(timeout=10)

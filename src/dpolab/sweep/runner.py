@@ -64,20 +64,6 @@ class PruningCallback(TrainerCallback):
             raise optuna.TrialPruned(f"{self.metric}={value:.4f} at step {state.global_step} is worse than the median")
 
 
-class EvaluateAtEnd(TrainerCallback):
-    """Evaluate at the last optimizer step inside the training loop.
-
-    Otherwise train() evaluates after Trainer.train() returned, when MLflow's callback has already
-    closed its run (the final eval would land in a stray run) and the pruner never sees it.
-    """
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # (With eval per epoch the last epoch's end already evaluates at the last step.)
-        if args.eval_strategy == "steps" and state.global_step >= state.max_steps > 0:
-            control.should_evaluate = True
-        return control
-
-
 def suggest(trial: optuna.Trial, key: str, spec: dict[str, Any]) -> Any:
     if "choices" in spec:
         return trial.suggest_categorical(key, spec["choices"])
@@ -217,7 +203,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: SweepConfig, swe
                 summary = RunFolder(run_dir).summary()
             else:
                 metric = _trainer_metric(config.objective)
-                callbacks: list[TrainerCallback] = [EvaluateAtEnd()]
+                callbacks: list[TrainerCallback] = []
                 if config.use_pruning and metric:
                     callbacks.append(PruningCallback(trial, metric))
                 summary = train(train_config, run_dir, resume=True, callbacks=callbacks).summary()
