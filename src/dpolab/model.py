@@ -44,7 +44,8 @@ def load_tokenizer(model_name: str):
 
 def build_builtin(name: str) -> GPT2LMHeadModel:
     """A GPT-2-architecture model with a seeded random init, identical on every call."""
-    config = GPT2Config(vocab_size=50257, bos_token_id=50256, eos_token_id=50256, **BUILTIN_MODELS[name])
+    config = GPT2Config(vocab_size=50257, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+                        **BUILTIN_MODELS[name])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILTIN_SEED)
         model = GPT2LMHeadModel(config)
@@ -62,6 +63,9 @@ def load_model(model_name: str, dtype: torch.dtype | None = None) -> PreTrainedM
 
         raise ConfigError(f"model: {model_name} is a folder but has no config.json (not an HF model folder)")
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype or torch.float32)
+    # Pad = EOS, as in load_tokenizer (GPT-2 ships without a pad token).
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
