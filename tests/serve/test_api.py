@@ -337,3 +337,20 @@ def test_two_workers_generate_concurrently(make_app):
     for thread in threads:
         thread.join()
     assert results == [200] * 4
+
+
+def test_int8_precision_serves_answers_with_rewards(run_dir, make_app):
+    """`dpolab serve --precision int8` (dpolab.generate's 2x faster decode): both models are
+    quantised, answers stream as usual and rewards are still computed (from the packed head)."""
+    import torch
+
+    from dpolab.serve.models import load_served_models
+
+    served_int8 = load_served_models(str(run_dir), precision="int8")
+    assert isinstance(served_int8.policy.model.lm_head, torch.ao.nn.quantized.dynamic.Linear)
+    assert served_int8.info["precision"] == "int8"
+    client = make_app(MODELS=served_int8).test_client()
+    body = client.post("/api/generate", json={"prompt": "Is the sky blue?", "max_new_tokens": 5,
+                                              "compare": True, "temperature": 0}).json
+    assert [a["role"] for a in body["answers"]] == ["policy", "reference"]
+    assert all(isinstance(a["reward"], float) and a["text"] for a in body["answers"])

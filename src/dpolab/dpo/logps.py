@@ -48,7 +48,8 @@ class _AnswerTokenLogProbs(torch.autograd.Function):
             hidden_c = hidden[start:end].to(ctx.compute_dtype)  # (n, H)
             logits = (hidden_c @ weight_c.T).float()  # (n, V)
             # d log p[target] / d logits = onehot(target) - softmax(logits)
-            grad_logits = (logits - logsumexp[start:end, None]).exp_().mul_(-grad_token_logps[start:end, None])
+            # In place on the fresh chunk: one (n, V) buffer instead of three.
+            grad_logits = logits.sub_(logsumexp[start:end, None]).exp_().mul_(-grad_token_logps[start:end, None])
             rows = torch.arange(end - start, device=hidden.device)
             grad_logits[rows, targets[start:end]] += grad_token_logps[start:end]
             grad_logits = grad_logits.to(ctx.compute_dtype)
@@ -108,7 +109,7 @@ def sequence_logps(
     rows = target_mask.nonzero(as_tuple=True)[0]  # (N,) which sequence each answer token is in
     answer_hidden = hidden[:, :-1][target_mask]  # (N, H)
     targets = input_ids[:, 1:][target_mask]  # (N,)
-    lm_head = _unwrap(model).get_output_embeddings().weight  # (V, H)
+    lm_head = output_weight(model)  # (V, H)
     token_logps = answer_token_logps(answer_hidden, lm_head, targets, chunk_size)  # (N,)
     return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(
         0, rows, token_logps)
@@ -133,6 +134,13 @@ def answer_lengths(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Answer tokens per pair, ``{"chosen_lengths": (B,), "rejected_lengths": (B,)}`` (IPO needs them)."""
     chosen_lengths, rejected_lengths = batch["answer_mask"].sum(1).float().chunk(2)
     return {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The LM head's (V, H) weight. An int8 head from :mod:`dpolab.generate` (the web app's fast
+    option) keeps it packed behind a method; scoring answers with it needs it dequantised."""
+    weight = _unwrap(model).get_output_embeddings().weight
+    return weight().dequantize() if callable(weight) else weight
 
 
 def _unwrap(model: torch.nn.Module) -> Any:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG: dict[str, Any] = {
     "MODEL": None,  # run / sweep / export folder, built-in name or Hub id
     "REFERENCE": None,  # reference model; None = the run's recorded base model
+    "PRECISION": "fp32",  # weights for generation: fp32, bf16 or int8 (dpolab.generate; 2x faster decode on CPU)
     "MODELS": None,  # an already loaded ServedModels (tests share one across apps)
     "WORKERS": 1,  # generations running at once (CPU: 1 uses every core already)
     "MAX_QUEUE": 8,  # generations waiting for a worker before requests get 429
@@ -57,7 +58,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     preloaded = config["MODELS"]
 
     def loader() -> Any:
-        return preloaded if preloaded is not None else load_served_models(config["MODEL"], config["REFERENCE"])
+        return preloaded if preloaded is not None else load_served_models(config["MODEL"], config["REFERENCE"],
+                                                                                   config["PRECISION"])
 
     engine = Engine(loader, workers=config["WORKERS"], max_queue=config["MAX_QUEUE"], metrics=Metrics())
     app.extensions["dpolab.engine"] = engine

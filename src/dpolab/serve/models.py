@@ -110,11 +110,12 @@ def _model_name(source: str, info: dict[str, Any]) -> str:
     return Path(source).name if Path(source).exists() else source
 
 
-def load_one(model_id: str, source: str) -> LoadedModel:
-    from dpolab.model import load_model, load_tokenizer
+def load_one(model_id: str, source: str, precision: str = "fp32") -> LoadedModel:
+    from dpolab.generate import load_for_generation
+    from dpolab.model import load_tokenizer
 
     try:
-        model = load_model(source)
+        model = load_for_generation(source, precision)
         tokenizer = load_tokenizer(source)
     except DpolabError:
         raise
@@ -127,20 +128,21 @@ def load_one(model_id: str, source: str) -> LoadedModel:
     return LoadedModel(id=model_id, source=source, model=model, tokenizer=tokenizer)
 
 
-def load_served_models(source: str, reference: str | None = None) -> ServedModels:
-    """Load the DPO model behind ``source`` and its reference (``reference`` or the run's base model)."""
+def load_served_models(source: str, reference: str | None = None, precision: str = "fp32") -> ServedModels:
+    """Load the DPO model behind ``source`` and its reference (``reference`` or the run's base model),
+    both in ``precision`` (see :func:`dpolab.generate.load_for_generation`)."""
     info, run, sweep_dir = describe(source)
     model_dir = str(resolve_model_dir(source)) if info["kind"] in ("run", "sweep", "export") else source
-    policy = load_one(_model_name(source, info), model_dir)
+    policy = load_one(_model_name(source, info), model_dir, precision)
     reference_source = reference or info.get("base_model")
     ref = None
     if reference_source:
         ref_id = str(reference_source)
         if ref_id == policy.id:
             ref_id = f"{ref_id}-reference"
-        ref = load_one(ref_id, str(reference_source))
+        ref = load_one(ref_id, str(reference_source), precision)
     beta = float(info.get("hyperparameters", {}).get("beta", DEFAULT_BETA))
-    info.update(model=policy.id, reference=ref.id if ref else None, beta=beta,
+    info.update(model=policy.id, reference=ref.id if ref else None, beta=beta, precision=precision,
                 compare=ref is not None, context_length=min(m.context_length for m in (policy, ref) if m))
     if ref is None:
         info["note"] = ("no reference model: the model has no run records naming its base model; "
