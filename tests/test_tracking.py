@@ -137,3 +137,32 @@ def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
     assert wandb_eval.keys() == local_eval.keys(), history
     assert all(math.isclose(wandb_eval[s], local_eval[s], rel_tol=1e-6) for s in local_eval)
     assert any("train/system/cpu_percent" in row for row in history), "system metrics did not reach W&B"
+
+
+def test_tensorboard_and_trackio_match_local_records(tmp_path):
+    """Both write into the run folder (tensorboard/, trackio/dpolab.db); read back with their own
+    readers, the eval loss per step equals the run's metrics.jsonl."""
+    import sqlite3
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpolab.config import TrainConfig
+    from dpolab.dpo.trainer import train
+
+    config = TrainConfig(model="tiny-gpt2", dataset="hh-rlhf-sample", max_train_pairs=16, max_eval_pairs=8,
+                         max_steps=2, per_device_train_batch_size=4, logging_steps=1, eval_steps=1,
+                         max_length=128, max_prompt_length=64, report_to=["tensorboard", "trackio"],
+                         cache_dir=str(tmp_path / "cache"))
+    run = train(config, tmp_path / "run")
+    local_eval = {r["step"]: r["loss"] for r in run.metrics("eval")}
+    assert sorted(local_eval) == [1, 2]
+
+    events = EventAccumulator(str(run.path / "tensorboard"))
+    events.Reload()
+    tensorboard_eval = {e.step: e.value for e in events.Scalars("eval/loss")}
+    assert tensorboard_eval == pytest.approx(local_eval, rel=1e-6)
+
+    with sqlite3.connect(run.path / "trackio" / "dpolab.db") as db:
+        rows = [json.loads(metrics) for (metrics,) in db.execute("SELECT metrics FROM metrics ORDER BY id")]
+    trackio_eval = {r["train/global_step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    assert trackio_eval == pytest.approx(local_eval, rel=1e-6)

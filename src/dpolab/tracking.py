@@ -116,6 +116,10 @@ def tracker_defaults(report_to: list[str], run_dir: Path) -> dict[str, str]:
     if "wandb" in report_to:
         defaults["WANDB_DIR"] = str(run_dir)
         defaults["WANDB_PROJECT"] = "dpolab"
+    if "tensorboard" in report_to:
+        defaults["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if "trackio" in report_to:
+        defaults["TRACKIO_DIR"] = str(run_dir / "trackio")
     return defaults
 
 

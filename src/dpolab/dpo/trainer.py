@@ -151,6 +151,7 @@ def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, d
     return dict(
         output_dir=str(run.checkpoints_dir),
         run_name=config.run_name or run.path.name,
+        project="dpolab",  # Trackio's project (W&B's comes from WANDB_PROJECT, see tracking.py)
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
