@@ -44,7 +44,7 @@ def test_healthz_503_until_models_loaded(monkeypatch, served, tmp_path):
 
     release = threading.Event()
 
-    def slow_loader(model, reference):
+    def slow_loader(model, reference, precision):
         release.wait(30)
         return served
 
@@ -68,7 +68,7 @@ def test_healthz_reports_load_failure(monkeypatch, tmp_path):
     from dpolab.errors import DpolabError
     from dpolab.serve import create_app
 
-    def failing(model, reference):
+    def failing(model, reference, precision):
         raise DpolabError("could not load model 'nope'")
 
     monkeypatch.setattr("dpolab.serve.models.load_served_models", failing)

@@ -36,12 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import threading
-
     from dpolab.errors import DpolabError
     from dpolab.serve import create_app
     from dpolab.serve.models import default_source, describe
-    from dpolab.serve.server import make_server
+    from dpolab.serve.server import ServerThread
 
     for name, low in (("workers", 1), ("queue", 0), ("max_new_tokens", 1), ("port", 0)):
         if getattr(args, name) < low:
@@ -57,26 +55,21 @@ def run(args: argparse.Namespace) -> int:
                       "MAX_QUEUE": args.queue, "MAX_NEW_TOKENS": args.max_new_tokens,
                       "REQUEST_TIMEOUT_S": args.timeout, "PREFERENCES_PATH": args.preferences})
     engine = app.extensions["dpolab.engine"]
-    server = make_server(app, args.host, args.port)
-    url = f"http://{args.host}:{server.effective_port}"
-    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
-    thread.start()
-    print(f"dpolab serve: listening on {url} (waitress); loading {source} ...", flush=True)
-    try:
-        while not engine.ready.wait(0.5):
-            if engine.load_error:
-                raise DpolabError(f"could not load the models: {engine.load_error}")
-        models = engine.models
-        reference = models.reference.id if models.reference else "none (compare mode off: pass --reference)"
-        print(f"dpolab serve: model {models.policy.id}, reference {reference}\n"
-              f"  page         {url}/\n"
-              f"  OpenAI API   {url}/v1  (model {models.policy.id!r})\n"
-              f"  preferences  -> {args.preferences}\nCtrl-C to stop.", flush=True)
-        while thread.is_alive():
-            thread.join(1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.close()
-        server.close()
+    server = ServerThread(app, args.host, args.port)
+    with server as url:
+        print(f"dpolab serve: listening on {url} (waitress); loading {source} ...", flush=True)
+        try:
+            while not engine.ready.wait(0.5):
+                if engine.load_error:
+                    raise DpolabError(f"could not load the models: {engine.load_error}")
+            models = engine.models
+            reference = models.reference.id if models.reference else "none (compare mode off: pass --reference)"
+            print(f"dpolab serve: model {models.policy.id}, reference {reference}\n"
+                  f"  page         {url}/\n"
+                  f"  OpenAI API   {url}/v1  (model {models.policy.id!r})\n"
+                  f"  preferences  -> {args.preferences}\nCtrl-C to stop.", flush=True)
+            while server.running():
+                server.join(1.0)
+        except KeyboardInterrupt:
+            pass
     return 0

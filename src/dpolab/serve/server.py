@@ -31,7 +31,7 @@ def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> Any:
 
 
 class ServerThread:
-    """waitress in a background thread (tests, notebooks): ``with ServerThread(app) as url: ...``."""
+    """waitress in a background thread (`dpolab serve`, tests, notebooks): ``with ServerThread(app) as url: ...``."""
 
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
         self.app = app
@@ -45,6 +45,12 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
     def close(self) -> None:
         self.app.extensions["dpolab.engine"].close()
