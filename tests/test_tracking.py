@@ -146,14 +146,16 @@ def test_tensorboard_and_trackio_match_local_records(tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dpolab.config import TrainConfig
-    from dpolab.dpo.trainer import train
-
-    config = TrainConfig(model="tiny-gpt2", dataset="hh-rlhf-sample", max_train_pairs=16, max_eval_pairs=8,
-                         max_steps=2, per_device_train_batch_size=4, logging_steps=1, eval_steps=1,
-                         max_length=128, max_prompt_length=64, report_to=["tensorboard", "trackio"],
-                         cache_dir=str(tmp_path / "cache"))
-    run = train(config, tmp_path / "run")
+    # Its own process, as `dpolab train` runs: Trackio fixes its store when first imported, and
+    # another test of this session may have imported it already.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRACKIO_DIR", "TENSORBOARD_LOGGING_DIR")}
+    subprocess.run([sys.executable, "-m", "dpolab.cli", "train", "--config", "configs/tiny.yaml",
+                    "--output-dir", str(tmp_path / "run"), "--max-train-pairs", "16", "--max-eval-pairs", "8",
+                    "--max-steps", "2", "--per-device-train-batch-size", "4", "--logging-steps", "1",
+                    "--eval-steps", "1", "--max-length", "128", "--max-prompt-length", "64",
+                    "--report-to", "tensorboard,trackio", "--cache-dir", str(tmp_path / "cache")],
+                   check=True, env=env, capture_output=True)
+    run = RunFolder.open(tmp_path / "run")
     local_eval = {r["step"]: r["loss"] for r in run.metrics("eval")}
     assert sorted(local_eval) == [1, 2]
 

@@ -132,6 +132,8 @@ def sweep_tracker_defaults(report_to: list[str], sweep_dir: Path, group: str) ->
     if "wandb" in report_to:
         defaults["WANDB_RUN_GROUP"] = group
         defaults["WANDB_PROJECT"] = "dpolab"
+    if "trackio" in report_to:  # Trackio fixes its store at first import: one per sweep process
+        defaults["TRACKIO_DIR"] = str(Path(sweep_dir).resolve() / "trackio")
     return defaults
 
 

@@ -12,6 +12,8 @@ import urllib.request
 from collections import Counter
 from urllib.parse import urlsplit
 
+import pytest
+
 from .conftest import sse_events
 
 
@@ -135,16 +137,23 @@ def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-c", script, "serve", str(run_dir), "--port", "0", "--preferences",
          str(tmp_path / "prefs.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    output: list[str] = []
     try:
         first = process.stdout.readline()
         match = __import__("re").search(r"listening on (http://127\.0\.0\.1:\d+)", first)
         assert match, first
+        # Keep reading: a server whose output pipe fills up blocks on its next log line.
+        reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+        reader.start()
         url = match.group(1)
         wait_for(lambda: get(f"{url}/healthz")[0] == 200, timeout=120)
         status, _, body = post(f"{url}/api/generate", {"prompt": "hello", "max_new_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] >= 1
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+        try:
+            assert process.wait(timeout=60) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("dpolab serve did not stop on Ctrl-C; its output:\n" + "".join(output[-40:]))
     finally:
         if process.poll() is None:
             process.kill()
