@@ -120,23 +120,23 @@ def test_bounded_load_8_threads_x_8_requests(live_server):
     assert post(f"{url}/api/generate", {"prompt": "still there?", "max_new_tokens": 2})[0] == 200
 
 
-def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path):
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path, stop_signal):
     """The real start-up path of `dpolab serve RUN`: listens first (healthz 503 while loading),
-    then 200; Ctrl-C stops it cleanly. Run through the subcommand's own parser, since wiring it
-    into the top-level `dpolab` CLI is cli.py's job."""
+    then 200; Ctrl-C (SIGINT) or a service manager's SIGTERM stops it cleanly, exit code 0."""
     import signal
     import subprocess
     import sys
 
-    script = ("import argparse, sys\n"
-              "from dpolab.serve.cli import register\n"
-              "parser = argparse.ArgumentParser(prog='dpolab')\n"
-              "register(parser.add_subparsers())\n"
-              "args = parser.parse_args(sys.argv[1:])\n"
-              "sys.exit(args.func(args))\n")
+    def like_a_terminal() -> None:
+        # A shell starts background jobs with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: give the server the default Ctrl-C a terminal would.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen(
-        [sys.executable, "-c", script, "serve", str(run_dir), "--port", "0", "--preferences",
-         str(tmp_path / "prefs.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        [sys.executable, "-m", "dpolab.cli", "serve", str(run_dir), "--port", "0", "--preferences",
+         str(tmp_path / "prefs.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        preexec_fn=like_a_terminal)
     output: list[str] = []
     try:
         first = process.stdout.readline()
@@ -149,11 +149,11 @@ def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path):
         wait_for(lambda: get(f"{url}/healthz")[0] == 200, timeout=120)
         status, _, body = post(f"{url}/api/generate", {"prompt": "hello", "max_new_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] >= 1
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, stop_signal))
         try:
             assert process.wait(timeout=60) == 0
         except subprocess.TimeoutExpired:
-            pytest.fail("dpolab serve did not stop on Ctrl-C; its output:\n" + "".join(output[-40:]))
+            pytest.fail(f"dpolab serve did not stop on {stop_signal}; its output:\n" + "".join(output[-40:]))
     finally:
         if process.poll() is None:
             process.kill()

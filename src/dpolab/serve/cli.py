@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from dpolab.errors import ConfigError
 
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
                       "MAX_QUEUE": args.queue, "MAX_NEW_TOKENS": args.max_new_tokens,
                       "REQUEST_TIMEOUT_S": args.timeout, "PREFERENCES_PATH": args.preferences})
     engine = app.extensions["dpolab.engine"]
+    # A service manager stops us with SIGTERM: shut down as cleanly as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     server = ServerThread(app, args.host, args.port)
     with server as url:
         print(f"dpolab serve: listening on {url} (waitress); loading {source} ...", flush=True)
@@ -73,3 +76,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
