@@ -7,6 +7,7 @@ the page, /healthz and /metrics, or a full queue would starve the health check.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -59,5 +60,8 @@ class ServerThread:
         # keep-alive connections included: the loop only ends when its socket map is empty.
         from waitress import wasyncore
 
-        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            # OSError: the trigger is already closed, the loop is ending on its own.
+            with contextlib.suppress(OSError):
+                self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+            self._thread.join(timeout=10)
