@@ -127,7 +127,11 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     assert page.evaluate("window.__xss") is None
     # Copy puts the answer text on the clipboard; Regenerate replaces the last turn's answer;
     # Clear chat empties the conversation.
+    page.bring_to_front()  # the Clipboard API writes only from a focused page
     page.click(".answer .copy")
+    # The button says how the (asynchronous) clipboard write ended.
+    page.wait_for_selector(".answer .copy:has-text('Copied'), .answer .copy:has-text('Copy failed')")
+    assert page.text_content(".answer .copy") == "Copied"
     assert page.evaluate("navigator.clipboard.readText()") == hostile.strip()
     page.click(".answer .regen")
     page.wait_for_selector(".answer[data-finish]")
