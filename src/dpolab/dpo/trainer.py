@@ -231,7 +231,8 @@ def load_prepared(config: TrainConfig):
     disable_dropout(model)
     use_fused_gelu(model)
     datasets, report, data_key = prepare_data(config, tokenizer)
-    model.to(device)
+    # Under torchrun / accelerate launch each process scores the reference on its own GPU.
+    model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device)
     datasets, reference_info = add_reference_logps(
         model, datasets, data_key, Path(config.cache_dir or default_cache_dir()), tokenizer.pad_token_id,
         batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size)
