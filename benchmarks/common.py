@@ -73,3 +73,10 @@ def write_results(name: str, data: dict[str, Any], out: Path | None = None) -> P
     path.write_text(json.dumps(data, indent=2) + "\n")
     logger.info("results: %s", path)
     return path
+
+
+def publish(name: str, data: dict[str, Any], out: Path | None, table: str) -> None:
+    """Write the raw JSON and print the Markdown table that goes into BENCHMARKS.md."""
+    path = write_results(name, data, out)
+    print(table)
+    print(f"\nraw results: {path}")

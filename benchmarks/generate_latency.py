@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine_info, rotated, summarize, write_results
+from common import machine_info, publish, rotated, summarize
 
 logger = logging.getLogger("generate_latency")
 
@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     data = run(args)
-    path = write_results("generate_latency", data, args.out)
-    print(markdown_table(data))
-    print(f"\nraw results: {path}")
+    publish("generate_latency", data, args.out, markdown_table(data))
     return 0
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import machine_info, peak_rss_mb, rotated, run_worker, summarize, write_results
+from common import machine_info, peak_rss_mb, publish, rotated, run_worker, summarize
 
 logger = logging.getLogger("train_throughput")
 
@@ -185,7 +185,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         result["round"] = rnd
         runs.append(result)
         if args.partial:  # keep what is done if a long benchmark is stopped early
-            write_results("train_throughput", {"partial": True, "machine": info, "runs": runs}, args.partial)
+            publish("train_throughput", {"partial": True, "machine": info, "runs": runs}, args.partial)
         logger.info("%s %s round %d: %.3f pairs/s, %.0f tokens/s, peak %.0f MB", model, variant, rnd,
                     result["pairs_per_s"], result["tokens_per_s"], result["peak_rss_mb"])
     info["load_avg_after"] = machine_info()["load_avg_1_5_15"]
@@ -262,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(worker(args)))
         return 0
     data = run_all(args)
-    path = write_results("train_throughput", data, args.out)
-    print(markdown_table(data))
-    print(f"\nraw results: {path}")
+    publish("train_throughput", data, args.out, markdown_table(data))
     return 0
 
 
