@@ -12,6 +12,7 @@ import socket
 
 import pytest
 
+from dpolab.cli import main
 from dpolab.errors import DpolabError
 from dpolab.hub.push import PushError, check_repo_id, plan_push, push
 
@@ -20,17 +21,6 @@ REPO = "alice/dpo-tiny"
 
 def exported_bytes(export_dir) -> dict[str, bytes]:
     return {p.relative_to(export_dir).as_posix(): p.read_bytes() for p in export_dir.rglob("*") if p.is_file()}
-
-
-def cli_main():
-    """The real `dpolab` entry point once dpolab.cli exists; this package's own main until then."""
-    try:
-        from dpolab.cli import build_parser, main
-
-        build_parser()  # fails while a stage it lists is missing
-    except ImportError:
-        from dpolab.hub.cli import main
-    return main
 
 
 def test_push_uploads_exactly_the_export_in_one_commit(sweep_export, fake_hub):
@@ -81,7 +71,7 @@ def test_push_of_a_run_folder_exports_it_first(hub_run, fake_hub):
 
 
 def test_dry_run_lists_files_and_metadata_without_network(sweep_export, fake_hub, capsys):
-    rc = cli_main()(["push", str(sweep_export.out_dir), "--repo-id", REPO, "--dry-run"])
+    rc = main(["push", str(sweep_export.out_dir), "--repo-id", REPO, "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
     for rel in sweep_export.files:
@@ -154,7 +144,7 @@ def test_folder_not_an_export(tmp_path, sweep_export, hub_run):
 
 def test_cli_prints_one_line_without_traceback(sweep_export, fake_hub, capsys):
     fake_hub.force_status = 403
-    rc = cli_main()(["push", str(sweep_export.out_dir), "--repo-id", REPO])
+    rc = main(["push", str(sweep_export.out_dir), "--repo-id", REPO])
     captured = capsys.readouterr()
     assert rc == 2
     lines = captured.err.strip().splitlines()
@@ -172,7 +162,6 @@ def test_offline_mode_is_named(sweep_export, fake_hub, monkeypatch):
 
 
 def test_export_then_push_through_the_cli(hub_sweep, fake_hub, tmp_path, capsys):
-    main = cli_main()
     out = tmp_path / "export"
     assert main(["export", str(hub_sweep.path), str(out), "--repo-id", REPO]) == 0
     assert main(["push", str(out), "--repo-id", REPO]) == 0

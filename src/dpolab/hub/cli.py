@@ -2,14 +2,12 @@
 
 Heavy imports (torch, transformers, huggingface_hub) happen inside the handlers so ``dpolab --help``
 stays fast. Handlers raise :class:`DpolabError` for user errors; the main CLI prints those as one
-line and exits 2. :func:`main` does the same for this package alone (tests, ``python -m``).
+line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -58,20 +56,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list every file and size and the card metadata; touch no network")
     p.set_defaults(func=cmd_push)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from dpolab.errors import DpolabError
-
-    parser = argparse.ArgumentParser(prog="dpolab")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DpolabError as exc:
-        print(f"dpolab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
