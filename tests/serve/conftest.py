@@ -48,12 +48,9 @@ def make_run(path: Path, beta: float = 0.1, eval_metrics: dict[str, float] | Non
 
 
 @pytest.fixture(scope="session")
-def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's trained ``tiny_run`` when tests/conftest.py provides it, else a stand-in."""
-    try:
-        return Path(request.getfixturevalue("tiny_run").path)
-    except pytest.FixtureLookupError:
-        return make_run(tmp_path_factory.mktemp("runs") / "tiny-run").path
+def run_dir(tiny_run: RunFolder) -> Path:
+    """The project's trained tiny run (tests/conftest.py)."""
+    return Path(tiny_run.path)
 
 
 @pytest.fixture(scope="session")
