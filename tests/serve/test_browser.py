@@ -116,8 +116,7 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     app.extensions["dpolab.engine"].generate = fake_generate
     url = live_server(app=app)
 
-    page, errors = open_page(browser, url, viewport={"width": 390, "height": 844},  # phone width
-                             permissions=["clipboard-read", "clipboard-write"])
+    page, errors = open_page(browser, url, viewport={"width": 390, "height": 844})  # phone width
     page.fill("#prompt", "Say something nasty")
     page.press("#prompt", "Enter")
     answer = page.locator(".answer[data-finish] .answer-text")
@@ -127,12 +126,12 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     assert page.evaluate("window.__xss") is None
     # Copy puts the answer text on the clipboard; Regenerate replaces the last turn's answer;
     # Clear chat empties the conversation.
-    page.bring_to_front()  # the Clipboard API writes only from a focused page
+    # Headless Chromium's system clipboard sometimes never settles its promise; record what the
+    # page hands to the Clipboard API instead (the browser's own clipboard is not under test).
+    page.evaluate("navigator.clipboard.writeText = async (text) => { window.__copied = text; }")
     page.click(".answer .copy")
-    # The button says how the (asynchronous) clipboard write ended.
-    page.wait_for_selector(".answer .copy:has-text('Copied'), .answer .copy:has-text('Copy failed')")
-    assert page.text_content(".answer .copy") == "Copied"
-    assert page.evaluate("navigator.clipboard.readText()") == hostile.strip()
+    page.wait_for_selector(".answer .copy:has-text('Copied')")
+    assert page.evaluate("window.__copied") == hostile.strip()
     page.click(".answer .regen")
     page.wait_for_selector(".answer[data-finish]")
     page.wait_for_selector("#send:enabled")
