@@ -36,6 +36,40 @@ def machine_info() -> dict[str, Any]:
             "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device-name fragment, most specific first:
+# NVIDIA datasheets. The denominator of model FLOPs utilisation (MFU).
+GPU_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
+]
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """bf16 dense peak of a GPU from its name (``torch.cuda.get_device_name``); None if unknown."""
+    for fragment, peak in GPU_BF16_PEAK_TFLOPS:
+        if fragment in device_name:
+            return peak
+    return None
+
+
+def training_flops_per_token(n_layer: int, n_embd: int, matmul_params: int, mean_seq_len: float) -> float:
+    """Model FLOPs of one trained token (forward + backward), PaLM's formula (Chowdhery et al. 2022, App. B):
+    ``6 N + 12 L H T``. N counts every weight a token is multiplied by (all non-embedding weights plus
+    the LM head, V x H; the input embedding is a lookup); 12 L H T is attention's QK^T and AV with T the
+    token-weighted mean sequence length (sum len^2 / sum len). Recomputation (gradient checkpointing),
+    a reference model's forward and skipped work (dpolab's answer-only head) do not change it, so MFU
+    compares variants on the same useful work."""
+    return 6 * matmul_params + 12 * n_layer * n_embd * mean_seq_len
+
+
+def cuda_sync() -> None:
+    """Wait for queued GPU work, so wall-clock marks measure it (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of THIS process (Linux ru_maxrss is KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

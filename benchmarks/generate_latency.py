@@ -1,6 +1,7 @@
-"""Generation latency on CPU: plain fp32 ``model.generate`` vs dpolab.generate's bf16 / int8 options.
+"""Generation latency: plain fp32 ``model.generate`` vs dpolab.generate's bf16 / int8 options.
 
     python benchmarks/generate_latency.py --model gpt2-124m-random --repeats 3
+    python benchmarks/generate_latency.py --device cuda --dtype fp32 bf16     # a GPU (int8 is CPU-only)
 
 Greedy, batch 1, a 256-token real HH-RLHF prompt. Per precision:
 * time to first token (TTFT) = ``generate(max_new_tokens=1)``: the 256-token prefill + one token;
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine_info, publish, rotated, summarize
+from common import cuda_sync, machine_info, publish, rotated, summarize
 
 logger = logging.getLogger("generate_latency")
 
@@ -34,15 +35,15 @@ BYTES_PER_PARAM = {"plain_fp32": 4, "fp32": 4, "bf16": 2, "int8": 1}
 FP32_FLOOR_MS_124M = 33.0
 
 
-def load(model_name: str, precision: str) -> torch.nn.Module:
+def load(model_name: str, precision: str, device: str = "cpu") -> torch.nn.Module:
     from dpolab.generate import load_for_generation
     from dpolab.model import load_model
 
     if precision == "plain_fp32":
         model = load_model(model_name)  # what a user gets from from_pretrained, eval mode
         model.eval()
-        return model
-    return load_for_generation(model_name, precision)
+        return model.to(device)
+    return load_for_generation(model_name, precision).to(device)
 
 
 def held_out(model_name: str, n_pairs: int, prompt_tokens: int) -> tuple[Any, torch.Tensor]:
@@ -69,23 +70,25 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float,
     start = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=50256, attention_mask=torch.ones_like(prompt))
+    cuda_sync()
     return time.perf_counter() - start, out[0, prompt.shape[1]:]
 
 
-def quality(models: dict[str, torch.nn.Module], pairs, agree_prompts: int, agree_tokens: int) -> dict[str, Any]:
+def quality(models: dict[str, torch.nn.Module], pairs, agree_prompts: int, agree_tokens: int,
+            device: str = "cpu") -> dict[str, Any]:
     """NLL of held-out answers and greedy agreement with plain fp32, per precision."""
     from dpolab.generate import answer_nll
 
     out: dict[str, Any] = {}
     references: list[torch.Tensor] = []
-    prompts = [torch.tensor([p["prompt_ids"][-64:]]) for p in pairs.select(range(agree_prompts))]
-    for precision in PRECISIONS:
+    prompts = [torch.tensor([p["prompt_ids"][-64:]], device=device) for p in pairs.select(range(agree_prompts))]
+    for precision in models:
         model = models[precision]
         nll, count = 0.0, 0
         for pair in pairs:
             for answer in ("chosen_ids", "rejected_ids"):
-                ids = torch.tensor([pair["prompt_ids"] + pair[answer]])
-                mask = torch.tensor([[0] * len(pair["prompt_ids"]) + [1] * len(pair[answer])])
+                ids = torch.tensor([pair["prompt_ids"] + pair[answer]], device=device)
+                mask = torch.tensor([[0] * len(pair["prompt_ids"]) + [1] * len(pair[answer])], device=device)
                 s, n = answer_nll(model, ids, mask)
                 nll, count = nll + s, count + n
         generated = [timed_generate(model, p, agree_tokens)[1] for p in prompts]
@@ -108,14 +111,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    precisions = ["plain_fp32", *args.dtype]
     pairs, prompt = held_out(args.model, args.quality_pairs, args.prompt_tokens)
-    models = {p: load(args.model, p) for p in PRECISIONS}
-    n_params = sum(p.numel() for p in load(args.model, "plain_fp32").parameters())
-    for model in models.values():  # warm-up: first-call allocations, oneDNN/fbgemm kernel selection
+    prompt = prompt.to(args.device)
+    models = {p: load(args.model, p, args.device) for p in precisions}
+    n_params = sum(p.numel() for p in models["plain_fp32"].parameters())
+    for model in models.values():  # warm-up: first-call allocations, oneDNN/fbgemm/cuBLAS kernel selection
         timed_generate(model, prompt, 4)
-    samples: dict[str, dict[str, list[float]]] = {p: {"ttft_s": [], "total_s": []} for p in PRECISIONS}
+    samples: dict[str, dict[str, list[float]]] = {p: {"ttft_s": [], "total_s": []} for p in precisions}
     for rnd in tqdm(range(args.repeats), desc="rounds"):
-        for precision in rotated(PRECISIONS, rnd):
+        for precision in rotated(precisions, rnd):
             ttft, _ = timed_generate(models[precision], prompt, 1)
             total, _ = timed_generate(models[precision], prompt, args.new_tokens)
             samples[precision]["ttft_s"].append(ttft)
@@ -130,13 +135,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for precision, entry in results.items():
         entry["speedup_vs_plain_fp32"] = plain / entry["ms_per_token"]["median"]
         # Scale the measured fp32 floor (33 ms for 124M params) by parameter count and bytes per weight.
+        # That floor is this CPU's memory bandwidth: meaningless on a GPU.
         floor = FP32_FLOOR_MS_124M * n_params / 124.4e6 * BYTES_PER_PARAM[precision] / 4
-        entry["bandwidth_floor_ms"] = floor
-        entry["ratio_to_floor"] = entry["ms_per_token"]["median"] / floor
-    return {"benchmark": "generate_latency", "command": " ".join(sys.argv), "machine": machine_info(),
-            "model": args.model, "parameters": n_params, "prompt_tokens": int(prompt.shape[1]),
-            "new_tokens": args.new_tokens, "repeats": args.repeats, "results": results,
-            "quality": quality(models, pairs, args.agree_prompts, args.agree_tokens)}
+        entry["bandwidth_floor_ms"] = floor if args.device == "cpu" else None
+        entry["ratio_to_floor"] = entry["ms_per_token"]["median"] / floor if args.device == "cpu" else None
+    info = machine_info()
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return {"benchmark": "generate_latency", "command": " ".join(sys.argv), "machine": info,
+            "device": args.device, "model": args.model, "parameters": n_params,
+            "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "results": results, "quality": quality(models, pairs, args.agree_prompts, args.agree_tokens, args.device)}
 
 
 def markdown_table(data: dict[str, Any]) -> str:
@@ -145,8 +154,10 @@ def markdown_table(data: dict[str, Any]) -> str:
     for precision, r in data["results"].items():
         q = data["quality"][precision]
         m, t = r["ms_per_token"], r["ttft_ms"]
+        floor, ratio = r["bandwidth_floor_ms"], r["ratio_to_floor"]
         lines.append(f"| {precision} | {m['median']:.1f} ({m['min']:.1f}-{m['max']:.1f}) | "
-                     f"{r['speedup_vs_plain_fp32']:.2f}x | {r['bandwidth_floor_ms']:.1f} | {r['ratio_to_floor']:.2f} | "
+                     f"{r['speedup_vs_plain_fp32']:.2f}x | {f'{floor:.1f}' if floor else '-'} | "
+                     f"{f'{ratio:.2f}' if ratio else '-'} | "
                      f"{t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | {q['nll_rel_change']:+.3%} | "
                      f"{q['greedy_agreement']:.2f} |")
     return "\n".join(lines)
@@ -162,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agree-prompts", type=int, default=8, help="prompts for the greedy agreement check")
     parser.add_argument("--agree-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", nargs="+", choices=PRECISIONS[1:], default=None,
+                        help="precisions timed against plain fp32 (default: fp32 bf16 int8; on cuda fp32 bf16)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = PRECISIONS[1:] if args.device == "cpu" else ["fp32", "bf16"]
+    if args.device == "cuda" and "int8" in args.dtype:
+        parser.error("--dtype int8 is CPU-only (torch.ao dynamic quantisation has no CUDA kernels)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     data = run(args)

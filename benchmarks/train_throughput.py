@@ -14,6 +14,11 @@ All variants train on the same prepared pairs (``dpolab.data.prepare_data``, max
 same order (random sampler, same seed, group_by_length off). The first ``--warmup`` steps are
 excluded; pairs/s and tokens/s (attended tokens, chosen + rejected) cover the measured steps only.
 Peak RSS is the worker process's peak over the whole run (model load, reference pass, training).
+
+``--device cuda --dtype bf16`` measures a GPU (bf16 autocast for dpolab and TRL tuned; TRL defaults
+keep DPOConfig's own bf16=True): each run also reports peak GPU memory (``torch.cuda``), model
+FLOPs utilisation (:func:`common.training_flops_per_token` against :func:`common.gpu_peak_tflops`)
+and, from the run's ``system.jsonl`` (dpolab's NVML sampler), mean GPU power and energy per pair.
 """
 
 from __future__ import annotations
@@ -28,7 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import machine_info, peak_rss_mb, publish, rotated, run_worker, summarize
+from common import (
+    cuda_sync,
+    gpu_peak_tflops,
+    machine_info,
+    peak_rss_mb,
+    publish,
+    rotated,
+    run_worker,
+    summarize,
+    training_flops_per_token,
+)
 
 logger = logging.getLogger("train_throughput")
 
@@ -61,7 +76,8 @@ class StepTimer:
         self.marks: list[tuple[int, float, int, int]] = []  # (step, time, pairs_seen, tokens_seen)
 
     def mark(self, step: int) -> None:
-        self.marks.append((step, time.perf_counter(), self.trainer.pairs_seen, self.trainer.tokens_seen))
+        cuda_sync()  # the step's kernels are queued, not done, when the callback runs
+        self.marks.append((step, time.monotonic(), self.trainer.pairs_seen, self.trainer.tokens_seen))
 
     def measured(self) -> dict[str, Any]:
         start = next(m for m in self.marks if m[0] == self.warmup)
@@ -70,6 +86,7 @@ class StepTimer:
         pairs, tokens = end[2] - start[2], end[3] - start[3]
         step_s = [b[1] - a[1] for a, b in zip(self.marks, self.marks[1:], strict=False)]
         return {"measured_steps": end[0] - start[0], "measured_s": seconds, "pairs": pairs, "tokens": tokens,
+                "window_monotonic": [start[1], end[1]],
                 "pairs_per_s": pairs / seconds, "tokens_per_s": tokens / seconds,
                 "step_s": [round(s, 4) for s in step_s]}
 
@@ -80,27 +97,33 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dpolab.config import TrainConfig
     from dpolab.data import prepare_data
     from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
+    from dpolab.runs import RunFolder
+    from dpolab.tracking import SystemSampler
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch, steps, warmup = args.batch, args.steps, args.warmup
+    batch, steps, warmup, device = args.batch, args.steps, args.warmup, args.device
     cache = Path(tempfile.mkdtemp(prefix="dpolab-bench-cache-"))  # fresh: no reference cache hits, ours or TRL's
     config = TrainConfig(model=args.model, max_length=args.max_length, max_prompt_length=args.max_length // 2,
                          per_device_train_batch_size=batch, max_train_pairs=(steps + warmup) * batch,
                          max_eval_pairs=1, group_by_length=False, seed=0, learning_rate=5e-5,
-                         max_steps=steps + warmup, dtype="fp32", device="cpu", cache_dir=str(cache))
+                         max_steps=steps + warmup, dtype=args.dtype, device=device, cache_dir=str(cache))
     tokenizer = load_tokenizer(config.model)
     train_set = prepare_data(config, tokenizer)[0]["train"]
     model = load_model(config.model)
     disable_dropout(model)
+    model.to(device)
     timer = StepTimer(warmup)
     common_args = dict(output_dir=str(cache / "out"), per_device_train_batch_size=batch, max_steps=steps + warmup,
                        learning_rate=config.learning_rate, seed=0, data_seed=0, report_to="none",
-                       save_strategy="no", eval_strategy="no", logging_steps=10_000, use_cpu=True,
+                       save_strategy="no", eval_strategy="no", logging_steps=10_000, use_cpu=device == "cpu",
                        remove_unused_columns=False, train_sampling_strategy="random", dataloader_num_workers=0,
                        disable_tqdm=True)
+    bf16 = args.dtype == "bf16"
     result: dict[str, Any] = {"variant": args.variant, "model": args.model, "batch": batch, "steps": steps,
-                              "warmup": warmup, "max_length": args.max_length, "threads": torch.get_num_threads()}
+                              "warmup": warmup, "max_length": args.max_length, "threads": torch.get_num_threads(),
+                              "device": device, "dtype": args.dtype,
+                              "flops_per_token": _flops_per_token(model, train_set)}
     if args.variant.startswith("dpolab"):
         if args.variant == "dpolab":
             use_fused_gelu(model)  # as dpolab.dpo.trainer.load_prepared does
@@ -116,7 +139,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         result["reference_s"] = time.perf_counter() - start
         train_set = train_set.add_column("ref_chosen_logps", ref_chosen.tolist()).add_column(
             "ref_rejected_logps", ref_rejected.tolist())
-        trainer = DPOEngine(model=model, args=TrainingArguments(**common_args), train_dataset=train_set,
+        trainer = DPOEngine(model=model, args=TrainingArguments(**common_args, bf16=bf16), train_dataset=train_set,
                             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                             callbacks=[timer.callback], dpo_config=config)
     else:
@@ -129,7 +152,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             reference = copy.deepcopy(model)  # a Hub model would get the same second copy from TRL itself
         else:
             dpo_args = DPOConfig(**common_args, max_length=args.max_length, precompute_ref_log_probs=True,
-                                 gradient_checkpointing=False, bf16=False)
+                                 gradient_checkpointing=False, bf16=bf16)
             reference = None
         start = time.perf_counter()
         trainer = pretokenized_trainer_class()(model=model, ref_model=reference, args=dpo_args,
@@ -138,10 +161,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if args.variant == "trl_tuned":
             result["reference_s"] = time.perf_counter() - start  # the precompute pass is most of __init__
         result.update(gradient_checkpointing=dpo_args.gradient_checkpointing, bf16=dpo_args.bf16)
-    result["autocast_cpu"] = _probe_autocast(trainer)
+    result["autocast"] = _probe_autocast(trainer, device)
     timer.trainer = trainer
-    trainer.train()
+    run = RunFolder.create(cache / "run", {"benchmark": "train_throughput"})
+    sampler_start = time.monotonic()
+    with SystemSampler(run, interval_s=0.25 if device == "cuda" else 2.0):  # NVML power/energy -> system.jsonl
+        trainer.train()
     result.update(timer.measured())
+    window = [t - sampler_start for t in result.pop("window_monotonic")]
+    result.update(_power_in_window(run.system(), window, result))
     result["reference_pairs"] = len(train_set)
     if "reference_s" in result:
         # One epoch scores each pair once with the reference: add that cost per trained pair.
@@ -150,16 +178,61 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         result["amortised_pairs_per_s"] = result["pairs_per_s"]  # reference already inside every step
     result["peak_rss_mb"] = peak_rss_mb()
+    result["model_tflops_per_s"] = result["flops_per_token"] * result["tokens_per_s"] / 1e12
+    if device == "cuda":
+        result["device_name"] = torch.cuda.get_device_name()
+        result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+        peak = gpu_peak_tflops(result["device_name"])
+        result["peak_tflops"] = peak
+        result["mfu"] = result["model_tflops_per_s"] / peak if peak else None
     return result
 
 
-def _probe_autocast(trainer) -> str | None:
-    """What bf16=True does on CPU: the dtype Trainer's autocast context enables, or None."""
+def _flops_per_token(model, train_set) -> float:
+    """Model FLOPs per trained token for this model and data (see common.training_flops_per_token)."""
+    import torch
+
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matmul = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids)
+    matmul += model.get_output_embeddings().weight.numel()  # the head multiplies, tied or not
+    prompt = [len(p) for p in train_set["prompt_ids"]]
+    lengths = [n + len(a) for key in ("chosen_ids", "rejected_ids") for n, a in zip(prompt, train_set[key],
+                                                                                    strict=True)]
+    mean_len = sum(n * n for n in lengths) / sum(lengths)  # token-weighted: attention grows with length
+    cfg = model.config
+    return training_flops_per_token(cfg.n_layer, cfg.n_embd, matmul, mean_len)
+
+
+def _power_in_window(rows: list[dict[str, Any]], window: list[float], result: dict[str, Any]) -> dict[str, Any]:
+    """Mean GPU 0 power and energy per pair over the measured steps, from NVML rows of system.jsonl.
+
+    Energy is NVML's cumulative counter, differenced between the first and last sample inside the
+    measured window (all training samples if the window holds fewer than two)."""
+    gpu_rows = [(r["time_s"], r["gpus"][0]) for r in rows if r.get("gpus")]
+    if not gpu_rows:
+        return {"nvml_samples": 0}
+    inside = [(t, g) for t, g in gpu_rows if window[0] <= t <= window[1]]
+    if len(inside) < 2:
+        inside = gpu_rows
+    out: dict[str, Any] = {"nvml_samples": len(inside),
+                           "gpu_power_w_mean": sum(g["power_w"] for _, g in inside) / len(inside),
+                           "gpu_util_percent_mean": sum(g["util_percent"] for _, g in inside) / len(inside)}
+    (t0, first), (t1, last) = inside[0], inside[-1]
+    if first.get("energy_j") is not None and t1 > t0:
+        energy_power_w = (last["energy_j"] - first["energy_j"]) / (t1 - t0)
+        out["gpu_energy_power_w"] = energy_power_w
+        out["gpu_energy_j_per_pair"] = energy_power_w * result["measured_s"] / result["pairs"]
+    return out
+
+
+def _probe_autocast(trainer, device: str) -> str | None:
+    """What bf16=True does: the dtype Trainer's autocast context enables on ``device``, or None."""
     import torch
 
     with trainer.compute_loss_context_manager():
-        enabled = torch.is_autocast_enabled("cpu")
-        return str(torch.get_autocast_dtype("cpu")) if enabled else None
+        enabled = torch.is_autocast_enabled(device)
+        return str(torch.get_autocast_dtype(device)) if enabled else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +251,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         steps = args.steps or DEFAULT_STEPS.get(model, 10)
         batch = args.batch or DEFAULT_BATCH.get(model, 2)
         worker_args = ["--variant", variant, "--model", model, "--steps", str(steps), "--warmup", str(args.warmup),
-                       "--batch", str(batch), "--max-length", str(args.max_length)]
+                       "--batch", str(batch), "--max-length", str(args.max_length), "--device", args.device,
+                       "--dtype", args.dtype]
         if args.threads:
             worker_args += ["--threads", str(args.threads)]
         result = run_worker(script, worker_args)
@@ -195,13 +269,15 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per model and variant: median/min/max of each figure; per model: ratios of medians."""
-    keys = ("pairs_per_s", "tokens_per_s", "amortised_pairs_per_s", "peak_rss_mb", "reference_s")
+    keys = ("pairs_per_s", "tokens_per_s", "amortised_pairs_per_s", "peak_rss_mb", "reference_s",
+            "model_tflops_per_s", "mfu", "peak_gpu_mem_mb", "gpu_power_w_mean", "gpu_energy_j_per_pair")
     summary: dict[str, Any] = {}
     for model in dict.fromkeys(r["model"] for r in runs):
         per_variant = {}
         for variant in dict.fromkeys(r["variant"] for r in runs if r["model"] == model):
             rows = [r for r in runs if r["model"] == model and r["variant"] == variant]
-            per_variant[variant] = {k: summarize([r[k] for r in rows]) for k in keys if k in rows[0]}
+            per_variant[variant] = {k: summarize([r[k] for r in rows]) for k in keys
+                                    if all(r.get(k) is not None for r in rows)}
         ratios = {}
         ours = per_variant.get("dpolab")
         for other in ("trl_default", "trl_tuned"):
@@ -218,15 +294,21 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown_table(data: dict[str, Any]) -> str:
+    gpu = any("peak_gpu_mem_mb" in s for e in data["summary"].values() for s in e["variants"].values())
+    gpu_head = " model TFLOP/s | MFU | peak GPU MB | GPU W | GPU J/pair |" if gpu else ""
     lines = ["| model | variant | pairs/s (min-max) | tokens/s | amortised pairs/s | reference pass s "
-             "| peak RSS MB |", "|---|---|---|---|---|---|---|"]
+             "| peak RSS MB |" + gpu_head, "|---|---|---|---|---|---|---|" + "---|" * gpu_head.count("|")]
     for model, entry in data["summary"].items():
         for variant, s in entry["variants"].items():
             ref = f"{s['reference_s']['median']:.1f}" if "reference_s" in s else "in every step"
-            lines.append(
-                f"| {model} | {variant} | {s['pairs_per_s']['median']:.2f} ({s['pairs_per_s']['min']:.2f}-"
-                f"{s['pairs_per_s']['max']:.2f}) | {s['tokens_per_s']['median']:.0f} | "
-                f"{s['amortised_pairs_per_s']['median']:.2f} | {ref} | {s['peak_rss_mb']['median']:.0f} |")
+            line = (f"| {model} | {variant} | {s['pairs_per_s']['median']:.2f} ({s['pairs_per_s']['min']:.2f}-"
+                    f"{s['pairs_per_s']['max']:.2f}) | {s['tokens_per_s']['median']:.0f} | "
+                    f"{s['amortised_pairs_per_s']['median']:.2f} | {ref} | {s['peak_rss_mb']['median']:.0f} |")
+            if gpu:
+                cells = [("model_tflops_per_s", "{:.1f}"), ("mfu", "{:.1%}"), ("peak_gpu_mem_mb", "{:,.0f}"),
+                         ("gpu_power_w_mean", "{:.0f}"), ("gpu_energy_j_per_pair", "{:.2f}")]
+                line += "".join(f" {fmt.format(s[k]['median']) if k in s else '-'} |" for k, fmt in cells)
+            lines.append(line)
     lines += ["", "| model | ratio | pairs/s | amortised pairs/s | peak RSS |", "|---|---|---|---|---|"]
     for model, entry in data["summary"].items():
         for name, r in entry["ratios"].items():
@@ -245,6 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="pairs per step (default: 4 tiny, 2 for 124M)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="dpolab and TRL tuned: bf16 = Trainer's bf16 (autocast); TRL defaults keep bf16=True")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--partial", type=Path, default=None, help="rewrite this JSON after every run")
     # worker mode (one run; used by the orchestrator)

@@ -55,3 +55,52 @@ def test_generate_latency_smoke(tmp_path):
         assert quality["answer_nll_per_token"] > 0
     assert data["quality"]["plain_fp32"]["greedy_agreement"] == 1.0  # the reference agrees with itself
     assert data["prompt_tokens"] == 16 and data["new_tokens"] == 3
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_path_end_to_end(tmp_path):
+    """The GPU check's own CPU path: every stage runs from source (PYTHONPATH=src, no install) and
+    leaves its figures and the run/sweep records, without model weights, in the results folder."""
+    out = tmp_path / "results"
+    env = {**ENV, "PYTHONPATH": "", "OUT": str(out)}  # $OUT picks the folder; dpolab comes from src/
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--dtype", "fp32",
+                           "--quick", "--model", "tiny-gpt2", "--variants", "dpolab", "--steps", "1", "--warmup",
+                           "1", "--repeats", "1", "--batch", "2", "--max-length", "128", "--train-steps", "2",
+                           "--gen-tokens", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    stages = report["stages"]
+    assert {name: s["status"] for name, s in stages.items()} == dict.fromkeys(
+        ["throughput", "generation", "train", "sweep"], "ok")
+    dpolab = stages["throughput"]["summary"]["tiny-gpt2"]["variants"]["dpolab"]
+    assert dpolab["pairs_per_s"]["median"] > 0 and dpolab["model_tflops_per_s"]["median"] > 0
+    assert set(stages["generation"]["summary"]) == {"plain_fp32", "fp32", "bf16"}
+    assert stages["train"]["summary"]["train"]["steps"] == 2 and stages["train"]["model_saved"]
+    assert stages["sweep"]["best"]["trial"] in stages["sweep"]["trial_eval_loss"]
+    assert (out / "train" / "summary.json").is_file() and (out / "train" / "system.jsonl").is_file()
+    assert (out / "sweep" / "best.json").is_file() and (out / "sweep" / "trials" / "lr1e-3" / "summary.json").is_file()
+    assert not list(out.rglob("*.safetensors")) and not (out / "train" / "model").exists()  # records only
+    assert "| throughput | ok |" in (out / "gpu_check.md").read_text()
+    assert "stage train" in (out / "gpu_check.log").read_text()
+
+
+def test_gpu_check_without_cuda_fails_in_one_line(tmp_path):
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}  # no GPU visible, whatever the machine
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert "CUDA is not available" in proc.stderr and "--device cpu" in proc.stderr
+
+
+def test_mfu_inputs():
+    """The two numbers MFU is built from, for GPT-2 124M on an H100 (checked by hand against the formula)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import gpu_peak_tflops, training_flops_per_token
+
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu_peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gpu_peak_tflops("Some Future GPU") is None
+    # GPT-2 124M: 85.0M non-embedding + 38.6M head weights; T = 300 tokens.
+    flops = training_flops_per_token(n_layer=12, n_embd=768, matmul_params=123_633_408, mean_seq_len=300)
+    assert flops == 6 * 123_633_408 + 12 * 12 * 768 * 300
