@@ -9,6 +9,8 @@ A worker that dies leaves its trial RUNNING. Two ways bring it back, both markin
 attempt FAIL (with the reason) and queueing a copy under the same trial name:
   * same machine: the trial records ``host``/``pid``/process start time; a dead pid is seen at once;
   * other machines: no heartbeat for ``grace_period`` seconds (Optuna's heartbeat machinery).
+A trial is queued again at most ``max_retry`` times: one that kills its worker every time (out of
+memory, a crash in native code) then stays FAIL instead of being re-queued forever.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ NAME_ATTR = "trial_name"       # the trial folder: trials/<name>/, kept by retri
 OVERRIDES_ATTR = "overrides"   # the TrainConfig overrides of this trial
 WORKER_ATTR = "worker"         # {host, pid, started} of the process running it
 ERROR_ATTR = "error"           # one line: why it failed
+RETRIES_ATTR = "retries"       # times this trial was queued again after its worker died
 
 
 def default_storage_url(sweep_dir: Path) -> str:
@@ -62,7 +65,7 @@ def make_storage(url: str, config: SweepConfig) -> optuna.storages.RDBStorage:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval,
-            grace_period=config.grace_period, heartbeat_stale_trial_callback=requeue)
+            grace_period=config.grace_period, heartbeat_stale_trial_callback=Requeue(config.max_retry))
 
 
 def signature(config: SweepConfig) -> dict[str, Any]:
@@ -136,17 +139,20 @@ def _alive(worker: dict[str, Any]) -> bool:
         return False
 
 
-def recover_dead_workers(study: optuna.Study, storage: optuna.storages.RDBStorage) -> int:
+def recover_dead_workers(study: optuna.Study, storage: optuna.storages.RDBStorage, max_retry: int) -> int:
     """Fail and re-queue RUNNING trials whose worker is gone: same host at once, others by heartbeat."""
     recovered = 0
     host = socket.gethostname()
+    requeue = Requeue(max_retry)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = frozen.user_attrs.get(WORKER_ATTR)
         if not worker or worker.get("host") != host or _alive(worker):
             continue
+        reason = f"worker {host}:{worker.get('pid')} died while running it"
+        if requeue.exhausted(frozen):
+            reason += f" ({frozen.user_attrs.get(RETRIES_ATTR, 0) + 1} attempts, max_retry {max_retry}: not retried)"
         try:
-            storage.set_trial_user_attr(frozen._trial_id, ERROR_ATTR,
-                                        f"worker {host}:{worker.get('pid')} died while running it")
+            storage.set_trial_user_attr(frozen._trial_id, ERROR_ATTR, reason)
             if storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL):
                 requeue(study, storage.get_trial(frozen._trial_id))
                 recovered += 1
@@ -158,13 +164,39 @@ def recover_dead_workers(study: optuna.Study, storage: optuna.storages.RDBStorag
     return recovered
 
 
-def requeue(study: optuna.Study, failed: FrozenTrial) -> None:
-    """Queue a fresh attempt of a trial whose worker died: same name, params and overrides."""
-    attrs = {k: v for k, v in failed.user_attrs.items() if k not in (WORKER_ATTR, ERROR_ATTR)}
-    attrs["retry_of"] = failed.number
-    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=failed.params,
-                                              distributions=failed.distributions, user_attrs=attrs))
-    logger.warning("trial %s (#%d) was interrupted; queued again", attrs.get(NAME_ATTR), failed.number)
+class Requeue:
+    """Queue a fresh attempt of a trial whose worker died (same name, params and overrides), at
+    most ``max_retry`` times: the meaning of Optuna's ``RetryHeartbeatStaleTrialCallback(max_retry)``.
+    Ours because the copy must not inherit the dead attempt's worker and error."""
+
+    def __init__(self, max_retry: int) -> None:
+        self.max_retry = max_retry
+
+    def exhausted(self, failed: FrozenTrial) -> bool:
+        return failed.user_attrs.get(RETRIES_ATTR, 0) >= self.max_retry
+
+    def __call__(self, study: optuna.Study, failed: FrozenTrial) -> None:
+        name = failed.user_attrs.get(NAME_ATTR)
+        if self.exhausted(failed):
+            logger.error("trial %s (#%d): its worker died on every attempt; recorded as failed, not queued again",
+                         name, failed.number)
+            return
+        attrs = {k: v for k, v in failed.user_attrs.items() if k not in (WORKER_ATTR, ERROR_ATTR)}
+        attrs["retry_of"] = failed.number
+        attrs[RETRIES_ATTR] = failed.user_attrs.get(RETRIES_ATTR, 0) + 1
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=failed.params,
+                                                  distributions=failed.distributions, user_attrs=attrs))
+        logger.warning("trial %s (#%d) was interrupted; queued again (retry %d of %d)",
+                       name, failed.number, attrs[RETRIES_ATTR], self.max_retry)
+
+
+def abandoned(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials whose latest attempt FAILED without being queued again (a retried trial's latest
+    attempt is WAITING or later)."""
+    latest: dict[str, FrozenTrial] = {}
+    for trial in study.get_trials(deepcopy=False):
+        latest[trial.user_attrs.get(NAME_ATTR, f"#{trial.number}")] = trial  # in number order
+    return [t for t in latest.values() if t.state == TrialState.FAIL]
 
 
 def trials_used(study: optuna.Study) -> int:
