@@ -7,6 +7,7 @@ module only wires them together, sets up logging, and turns user errors into one
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -14,6 +15,11 @@ import sys
 from dpolab import __version__
 from dpolab.config import did_you_mean
 from dpolab.errors import ConfigError, DpolabError
+
+# OSErrors that are the user's environment, not a bug: a path that is a file, a folder that is
+# not writable, a full disk. They name the path; a traceback would add nothing.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENOSPC, errno.EDQUOT}
 
 # Stage modules that add sub-commands, in the order `dpolab --help` lists them.
 COMMAND_MODULES = [
@@ -59,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DpolabError as exc:
         print(f"dpolab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS:
+            raise
+        logging.getLogger(__name__).debug("details", exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dpolab {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dpolab {args.command}: interrupted", file=sys.stderr)

@@ -87,6 +87,8 @@ class _RecordFolder:
     def create(cls, path: str | Path, info: dict[str, Any]) -> Self:
         """Make (or reuse, for a resume) the folder and write its identity file."""
         folder = cls(Path(path))
+        if folder.path.exists() and not folder.path.is_dir():
+            raise RunFolderError(f"{folder.path}: exists and is not a folder; choose another output folder")
         folder.path.mkdir(parents=True, exist_ok=True)
         write_json(folder.identity_path, {"format": cls.FORMAT, "name": folder.path.name, **info})
         return folder

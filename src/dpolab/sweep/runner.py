@@ -89,15 +89,15 @@ def prepare_sweep(config: SweepConfig, sweep_dir: str | Path, storage: str | Non
     sweep_dir = Path(sweep_dir)
     url = storage or st.default_storage_url(sweep_dir)
     name = study_name_of(config, sweep_dir)
+    backend = st.make_storage(url, config)  # an unusable --storage fails before any folder is made
     if SweepFolder.is_sweep(sweep_dir):
         sweep = SweepFolder.open(sweep_dir)
         info = sweep.info()
     else:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         info = {"mode": config.mode, "objective": config.objective, "direction": config.direction,
                 "study_name": name, "storage": st.redact(url), "config": config.to_dict()}
         sweep = SweepFolder.create(sweep_dir, info)
-    st.open_study(config, st.make_storage(url, config), name, create=True)
+    st.open_study(config, backend, name, create=True)
     if warm_caches and "reference" not in info:
         info["reference"] = fill_caches(config)
         write_json(sweep.sweep_json, {**sweep.info(), "reference": info["reference"]})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import warnings
@@ -29,6 +30,7 @@ import psutil
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from dpolab.errors import ConfigError
 from dpolab.sweep.config import SweepConfig
 
 logger = logging.getLogger(__name__)
@@ -39,33 +41,51 @@ WORKER_ATTR = "worker"         # {host, pid, started} of the process running it
 ERROR_ATTR = "error"           # one line: why it failed
 RETRIES_ATTR = "retries"       # times this trial was queued again after its worker died
 
+# Query parameters of a storage URL whose value is a secret (libpq: password, sslpassword).
+SECRET_PARAM = re.compile(r"pass|secret|token", re.IGNORECASE)
+
 
 def default_storage_url(sweep_dir: Path) -> str:
     return f"sqlite:///{Path(sweep_dir).resolve() / 'study.db'}"
 
 
 def redact(url: str) -> str:
-    """The storage URL without its password (it goes into sweep.json and logs)."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    """The storage URL without its secrets (it goes into sweep.json and logs): the password of
+    ``user:pw@host`` and of query parameters such as libpq's ``?password=``."""
+    base, sep, query = url.partition("?")
+    if "://" in base and "@" in base:
+        scheme, rest = base.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        if ":" in credentials:
+            base = f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    pairs = [pair.split("=", 1)[0] + "=***" if SECRET_PARAM.search(pair.split("=", 1)[0]) else pair
+             for pair in query.split("&")] if query else []
+    return base + sep + "&".join(pairs)
 
 
 def make_storage(url: str, config: SweepConfig) -> optuna.storages.RDBStorage:
+    """The shared study storage, or a one-line :class:`ConfigError` when it cannot be used."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several local workers share one SQLite file: wait for the write lock instead of failing.
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval,
-            grace_period=config.grace_period, heartbeat_stale_trial_callback=Requeue(config.max_retry))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval,
+                grace_period=config.grace_period, heartbeat_stale_trial_callback=Requeue(config.max_retry))
+    except ImportError as exc:  # SQLAlchemy loads the URL's driver (postgresql:// means psycopg2)
+        raise ConfigError(f"--storage {redact(url)}: its database driver is not installed ({exc}); "
+                          "e.g. pip install psycopg2-binary for postgresql://") from None
+    except (SQLAlchemyError, ValueError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ConfigError(f"--storage {redact(url)}: cannot use it ({type(exc).__name__}: "
+                          f"{detail[0] if detail else ''})") from None
 
 
 def signature(config: SweepConfig) -> dict[str, Any]:
@@ -90,8 +110,6 @@ def open_study(config: SweepConfig, storage: optuna.storages.RDBStorage, study_n
         pruner = optuna.pruners.NopPruner()
     exists = study_name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if not exists and not create:
-        from dpolab.errors import ConfigError
-
         raise ConfigError(f"study {study_name!r} does not exist in the storage; create it first "
                           "(dpolab sweep --create-only)")
     study = optuna.create_study(storage=storage, study_name=study_name, direction=config.direction,
@@ -107,8 +125,6 @@ def open_study(config: SweepConfig, storage: optuna.storages.RDBStorage, study_n
                     state=TrialState.WAITING, user_attrs={NAME_ATTR: point["name"], OVERRIDES_ATTR: overrides}))
             logger.info("study %s: queued %d grid configurations", study_name, len(config.grid_points()))
     elif stored != wanted:
-        from dpolab.errors import ConfigError
-
         raise ConfigError(f"study {study_name!r} was created from a different sweep config; use another "
                           "--output-dir (or study name) for a new study")
     return study
