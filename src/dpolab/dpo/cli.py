@@ -9,12 +9,13 @@ the YAML; one not given keeps the YAML's value, else the field's default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from dpolab.config import TrainConfig
+from dpolab.paths import resolve_config_paths, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train with DPO. Every TrainConfig field below can be set in the --config YAML "
         "or here (the command line wins), e.g. --beta 0.2 --loss-type ipo --dataset data/train.jsonl.gz. "
         "Each help reads (type, default): meaning.")
-    train.add_argument("--config", help="YAML config file (configs/*.yaml)")
-    train.add_argument("--output-dir", help="run folder (default: runs/<config name or 'train'>)")
+    train.add_argument("--config", type=user_path, help="YAML config file (configs/*.yaml)")
+    train.add_argument("--output-dir", type=user_path, help="run folder (default: runs/<config name or 'train'>)")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.set_defaults(func=run_train, known_options=[*TrainConfig.field_names(), "config", "output_dir", "resume"])
 
@@ -59,7 +60,8 @@ def run_train(args: argparse.Namespace) -> int:
     from dpolab.dpo.trainer import train
 
     config = load_config(args.config, overrides_from(args))
-    output_dir = Path(args.output_dir or Path("runs") / (Path(args.config).stem if args.config else "train"))
+    config = dataclasses.replace(config, **resolve_config_paths(config.to_dict()))
+    output_dir = args.output_dir or user_path(f"runs/{args.config.stem if args.config else 'train'}")
     run = train(config, output_dir, resume=args.resume)
     print_run_result(run)
     return 0
