@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, abort, render_template, send_from_directory
 
+from dpolab.report.plots import CAPTIONS
 from dpolab.runs import SweepFolder
 from dpolab.serve import jobs
 
@@ -15,12 +16,6 @@ bp = Blueprint("ui", __name__)
 # Config keys that differ between trials for bookkeeping reasons, not as hyperparameters.
 NOT_HYPERPARAMETERS = {"run_name", "cache_dir", "report_to", "output_dir", "device", "num_threads"}
 PLOT_ORDER = ("eval_loss.png", "rewards.png", "loss.png", "system.png")
-PLOT_CAPTIONS = {
-    "loss.png": "Training loss vs optimizer step, every configuration.",
-    "eval_loss.png": "Final eval loss per configuration and eval loss over training.",
-    "rewards.png": "Reward margin and reward accuracy on held-out pairs at each evaluation.",
-    "system.png": "System: GPU power when a GPU was present, else process CPU use.",
-}
 EVAL_COLUMNS = (("loss", "eval loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
 
 
@@ -41,7 +36,7 @@ def sweep_table(sweep: SweepFolder) -> dict[str, Any]:
     keys = sorted({k for c in configs.values() for k in c} - NOT_HYPERPARAMETERS)
     varied = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1] or \
         [k for k in ("beta", "learning_rate") if k in keys]
-    best = sweep.best().get("trial") if sweep.best_json.exists() else None
+    best = sweep.best().get("trial") if sweep.has_best() else None
     rows = []
     for trial in trials:
         name = trial.path.name
@@ -64,7 +59,7 @@ def experiments() -> Any:
     names = {p.name for p in report.glob("*.png")} - {"table.png"} if report.is_dir() else set()
     images = [n for n in PLOT_ORDER if n in names] + sorted(names - set(PLOT_ORDER))
     return render_template("ui/experiments.html", sweep=sweep.info(), table=sweep_table(sweep), images=images,
-                           captions=PLOT_CAPTIONS, has_report=report.is_dir(),
+                           captions=CAPTIONS, has_report=report.is_dir(),
                            full_report=(report / "report.html").is_file(), sweep_path=str(sweep_dir), loading=False)
 
 
