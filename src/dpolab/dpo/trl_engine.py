@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from dpolab.config import TrainConfig
+from dpolab.data import prepare_data
 from dpolab.errors import ConfigError
+from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_argument_kwargs
+from dpolab.model import disable_dropout, load_model, load_tokenizer
 from dpolab.runs import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ def import_trl() -> Any:
 
 
 def pretokenized_trainer_class() -> type:
-    """``DPOTrainer`` that trains on our token ids as they are and counts pairs/tokens like DPOEngine.
+    """``DPOTrainer`` that trains on our token ids as they are and counts pairs/tokens like DpolabTrainer.
 
     Built in a function so importing this module never needs TRL.
     """
@@ -63,7 +66,7 @@ def pretokenized_trainer_class() -> type:
             return dataset
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training:  # same definitions as DPOEngine: pairs and real (attended) tokens
+            if model.training:  # same definitions as DpolabTrainer: pairs and real (attended) tokens
                 self.pairs_seen += inputs["input_ids"].shape[0] // 2
                 self.tokens_seen += int(inputs["attention_mask"].sum())
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -82,8 +85,6 @@ def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **o
     ``gradient_checkpointing`` is off and ``bf16`` follows our ``dtype`` (TRL's defaults are on / on):
     the same config must mean the same compute in both engines.
     """
-    from dpolab.dpo.trainer import training_argument_kwargs
-
     trl = import_trl()
     if config.label_smoothing:
         raise ConfigError("engine 'trl': label_smoothing (cDPO) is not part of TRL 1.16's 'sigmoid' loss; "
@@ -108,17 +109,8 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     ``callbacks``: extra ``TrainerCallback``s, as :func:`dpolab.dpo.trainer.train` takes them.
     """
     import_trl()  # fail before any work when TRL is missing
-    import torch
-
-    from dpolab.data import prepare_data
-    from dpolab.dpo.trainer import fit, prepare_run
-    from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device, resolve_dtype
-
     run = prepare_run(config, output_dir, resume, engine="trl")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device, dtype = resolve_hardware(config)
     tokenizer = load_tokenizer(config.model)
     model, reference = load_model(config.model), load_model(config.model)
     for m in (model, reference):
@@ -135,4 +127,5 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
 
     # TRL scores the reference inside every step: no separate pass, no cache.
     reference_info = {"reference_cache": "none", "reference_time_s": 0.0, "reference_key": None}
-    return fit(run, config, resume, make_trainer, tokenizer, datasets, reference_info, callbacks)
+    return fit(run, config, make_trainer, tokenizer=tokenizer, datasets=datasets, resume=resume,
+               summary_extra=reference_info, callbacks=callbacks)
