@@ -172,8 +172,8 @@ class RequestStop:
 
 
 class Engine:
-    """Owns the models (loaded once, in the background so /healthz can answer 503 meanwhile) and
-    the worker threads."""
+    """Owns the models (loaded once, in the background so /healthz can answer 503 meanwhile), the
+    worker threads (one per running job) and one decode loop per model (shared by the running jobs)."""
 
     def __init__(self, loader: Callable[[], ServedModels], workers: int = 1, max_queue: int = 8,
                  metrics: Metrics | None = None) -> None:
@@ -268,19 +268,23 @@ class Engine:
         return True
 
     # -- work ------------------------------------------------------------------------------
-    def batched_generate(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams,
-                         sink: AnswerSink, stop: RequestStop) -> None:
-        """Generate one answer in ``loaded``'s shared batch; tokens flow out through ``sink``."""
+    def batcher(self, loaded: LoadedModel) -> Batcher:
+        """``loaded``'s decode loop, started on first use."""
         with self._lock:
             batcher = self._batchers.get(id(loaded))
             if batcher is None:
                 batcher = self._batchers[id(loaded)] = Batcher(loaded.model, loaded.id)
+            return batcher
+
+    def batched_generate(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams,
+                         sink: AnswerSink, stop: RequestStop) -> None:
+        """Generate one answer in ``loaded``'s shared batch; tokens flow out through ``sink``."""
 
         def on_token(token: int) -> bool:
             sink.put_ids([token])
             return sink.stopped
 
-        batcher.generate(prompt_ids, params, on_token, stop.check)
+        self.batcher(loaded).generate(prompt_ids, params, on_token, stop.check)
 
     def _work(self) -> None:
         while True:
