@@ -23,7 +23,11 @@ Why our own loop rather than ``transformers``' continuous batching (``generate_b
 it decoded the issue's 8 x 32-token case at 17.5 tokens/s against 69 for a plain left-padded
 ``generate`` (paged attention kernels made for GPUs), and it has no per-request sampling settings,
 stop strings or cancellation. This loop calls the model's ordinary forward with a
-``DynamicCache``, so it runs wherever the model runs (fp32, bf16, int8 on CPU; CUDA).
+``DynamicCache``, so it serves every precision :mod:`dpolab.generate` loads (fp32, bf16, int8).
+
+Greedy answers in fp32 are the ids the request gets alone (tests/serve/test_batching.py; bf16 agreed
+too in a spot check): padding is masked out exactly. int8 is not batch invariant: ``quantize_dynamic`` picks one
+activation scale per forward, over the whole batch, so an answer may drift from its solo run.
 """
 
 from __future__ import annotations
