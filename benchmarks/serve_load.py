@@ -45,8 +45,10 @@ CLI = "import sys; from dpolab.cli import main; sys.exit(main())"
 class Server:
     """`dpolab serve` in a subprocess; ``url`` once it listens and its model is loaded."""
 
-    def __init__(self, model: str, precision: str, workers: int, new_tokens: int) -> None:
+    def __init__(self, model: str, precision: str, workers: int, new_tokens: int, threads: int | None) -> None:
         env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CLI, "serve", model, "--port", "0", "--precision", precision,
              "--workers", str(workers), "--queue", str(workers), "--max-new-tokens", str(new_tokens),
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for precision in args.precisions:
         workers = {mode: n or args.streams for mode, n in MODES.items()}
-        servers = {mode: Server(args.model, precision, n, args.new_tokens) for mode, n in workers.items()}
+        servers = {mode: Server(args.model, precision, n, args.new_tokens, args.threads) for mode, n in workers.items()}
         try:
             for server in servers.values():  # warm-up: first-call allocations and kernel selection
                 load_round(server.url, 2, 1, 4)
@@ -194,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per server (OMP_NUM_THREADS; default torch's choice)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    # SIGTERM (timeout, Ctrl-C from a job runner) unwinds like an exception, so the servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     data = run(args)
