@@ -206,3 +206,13 @@ def test_each_request_honours_its_own_stop_strings(served, prompts):
     assert [a["text"] for a in got] == expected
     assert [a["finish_reason"] for a in got] == ["stop", "stop", "stop", "length"]
     assert 4 in gate.batch_sizes
+
+
+def test_top_k_and_top_p_are_per_row():
+    from dpolab.serve.sampling import filter_top_k_top_p
+
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]] * 3)
+    kept = filter_top_k_top_p(probs.log(), top_k=torch.tensor([2, 0, 0]), top_p=torch.tensor([1.0, 0.6, 1.0]))
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False, False],  # top_k 2
+                                             [True, True, False, False, False],  # 0.5 + 0.2 reach top_p 0.6
+                                             [True] * 5]  # neither: untouched
