@@ -33,7 +33,7 @@ from common import machine_info, publish, rotated, summarize
 
 logger = logging.getLogger("serve_load")
 
-MODES = {"batched": None, "one_at_a_time": 1}  # --workers (None = --streams)
+MODES = {"batched": None, "one_at_a_time": 1}  # --workers (None = --streams); the queue holds every stream
 QUESTIONS = ["How do I make a cup of tea?", "What is the capital of France, and why is it famous?",
              "Can you recommend a good book about the history of science for a teenager?", "Tell me a joke.",
              "My plant's leaves are turning yellow. What could be wrong with it and how do I fix it?",
@@ -45,13 +45,14 @@ CLI = "import sys; from dpolab.cli import main; sys.exit(main())"
 class Server:
     """`dpolab serve` in a subprocess; ``url`` once it listens and its model is loaded."""
 
-    def __init__(self, model: str, precision: str, workers: int, new_tokens: int, threads: int | None) -> None:
+    def __init__(self, model: str, precision: str, workers: int, queue: int, new_tokens: int,
+                 threads: int | None) -> None:
         env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CLI, "serve", model, "--port", "0", "--precision", precision,
-             "--workers", str(workers), "--queue", str(workers), "--max-new-tokens", str(new_tokens),
+             "--workers", str(workers), "--queue", str(queue), "--max-new-tokens", str(new_tokens),
              "--preferences", os.devnull],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         assert self.proc.stdout is not None
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for precision in args.precisions:
         workers = {mode: n or args.streams for mode, n in MODES.items()}
-        servers = {mode: Server(args.model, precision, n, args.new_tokens, args.threads) for mode, n in workers.items()}
+        servers = {mode: Server(args.model, precision, n, args.streams, args.new_tokens, args.threads) for mode, n in workers.items()}
         try:
             for server in servers.values():  # warm-up: first-call allocations and kernel selection
                 load_round(server.url, 2, 1, 4)
