@@ -19,15 +19,17 @@ One :class:`Batcher` (and one thread) per served model. Each answer is a *row*:
   checked before every step) leaves the batch dimension at once, and columns that have become
   padding in every row are cut, so one long prompt does not tax the batch after it leaves.
 
-Why our own loop rather than ``transformers``' continuous batching (``generate_batch``): on a CPU
-it decoded the issue's 8 x 32-token case at 17.5 tokens/s against 69 for a plain left-padded
-``generate`` (paged attention kernels made for GPUs), and it has no per-request sampling settings,
-stop strings or cancellation. This loop calls the model's ordinary forward with a
-``DynamicCache``, so it serves every precision :mod:`dpolab.generate` loads (fp32, bf16, int8).
+Why our own loop rather than ``transformers``' continuous batching (``generate_batch``): on this
+CPU it was no faster than one plain left-padded ``generate`` (BENCHMARKS.md; the issue measured
+17.5 vs 69 tokens/s), it reserves most free RAM for its paged cache unless sized by hand, and it
+takes one generation config for all requests: no per-request sampling settings, stop strings or
+cancellation. This loop calls the model's ordinary forward with a ``DynamicCache``, so it serves
+every precision :mod:`dpolab.generate` loads (fp32, bf16, int8).
 
-Greedy answers in fp32 are the ids the request gets alone (tests/serve/test_batching.py; bf16 agreed
-too in a spot check): padding is masked out exactly. int8 is not batch invariant: ``quantize_dynamic`` picks one
-activation scale per forward, over the whole batch, so an answer may drift from its solo run.
+Greedy answers in fp32 are the ids the request gets alone (tests/serve/test_batching.py; bf16
+agreed too in a spot check): padding is masked out exactly. int8 is not batch invariant:
+``quantize_dynamic`` picks one activation scale per forward, over the whole batch, so an answer
+may drift from its solo run.
 """
 
 from __future__ import annotations
