@@ -98,7 +98,7 @@ def start_gated(batcher: Batcher, gate: GatedModel, requests: list[tuple[list[in
     """Submit the first request and let it reach the closed gate, then the others: they are all
     waiting when the test opens the gate, so from the second step on they share every step."""
     started = [Request(batcher, *requests[0], **first)]
-    gate.blocked.wait(timeout=60)
+    assert gate.blocked.wait(timeout=60)
     started += [Request(batcher, prompt, params) for prompt, params in requests[1:]]
     wait_for(lambda: batcher.waiting == len(requests) - 1)
     return started
@@ -133,7 +133,7 @@ def test_concurrent_answers_equal_their_solo_answers(served, prompts):
         requests = start_gated(batcher, gate, list(zip(prompts[:4], settings[:4], strict=True)),
                                on_token=close_gate_midway)
         gate.release()
-        gate.blocked.wait(timeout=60)  # step 5 is held: the fifth request arrives mid-batch
+        assert gate.blocked.wait(timeout=60)  # step 5 is held: the fifth request arrives mid-batch
         joined.set()
         requests.append(Request(batcher, prompts[4], settings[4]))
         wait_for(lambda: batcher.waiting == 1)
@@ -194,7 +194,7 @@ def test_each_request_honours_its_own_stop_strings(served, prompts):
 
         gate.open.clear()
         first = engine.submit(Job(prompt=texts[0], params=params[0], stops=stops[0]))
-        gate.blocked.wait(timeout=60)
+        assert gate.blocked.wait(timeout=60)
         jobs = [first] + [engine.submit(Job(prompt=t, params=p, stops=s))
                           for t, p, s in zip(texts[1:], params[1:], stops[1:], strict=True)]
         wait_for(lambda: engine.batcher(gated.policy).waiting == 3)
