@@ -216,3 +216,25 @@ def test_top_k_and_top_p_are_per_row():
     assert torch.isfinite(kept).tolist() == [[True, True, False, False, False],  # top_k 2
                                              [True, True, False, False, False],  # 0.5 + 0.2 reach top_p 0.6
                                              [True] * 5]  # neither: untouched
+
+
+def test_a_failed_forward_fails_its_rows_and_the_loop_goes_on(served, prompts):
+    """A forward that raises (out of memory, a bad model) answers its rows with the error; the decode
+    loop survives and serves the next request as if nothing happened."""
+    model = served.policy.model
+    calls = []
+
+    def flaky(**kwargs: Any) -> Any:
+        calls.append(kwargs["input_ids"].shape)
+        if len(calls) == 1:
+            raise RuntimeError("simulated forward failure")
+        return model(**kwargs)
+
+    flaky.config = model.config  # type: ignore[attr-defined]
+    batcher = Batcher(flaky, "flaky")
+    try:
+        with pytest.raises(RuntimeError, match="simulated forward failure"):
+            batcher.generate(prompts[0], GREEDY, lambda t: False, lambda: False)
+        assert Request(batcher, prompts[0], GREEDY).result() == solo(model, prompts[0], GREEDY)
+    finally:
+        batcher.close()
