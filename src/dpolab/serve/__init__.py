@@ -19,7 +19,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "REFERENCE": None,  # reference model; None = the run's recorded base model
     "PRECISION": "fp32",  # weights for generation: fp32, bf16 or int8 (dpolab.generate; 2x faster decode on CPU)
     "MODELS": None,  # an already loaded ServedModels (tests share one across apps)
-    "WORKERS": 1,  # generations running at once (CPU: 1 uses every core already)
+    "WORKERS": 8,  # generations running at once; they share each decode step (dpolab.serve.batching)
     "MAX_QUEUE": 8,  # generations waiting for a worker before requests get 429
     "MAX_NEW_TOKENS": 512,  # server cap on max new tokens per answer
     "DEFAULT_MAX_NEW_TOKENS": 128,

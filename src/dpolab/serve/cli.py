@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the default MODEL (default runs)")
-    parser.add_argument("--workers", type=int, default=1, help="generations running at once (default 1)")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="generations running at once, sharing each decode step (default 8)")
     parser.add_argument("--queue", type=int, default=8, help="generations that may wait before 429 (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="cap on new tokens per answer (default 512)")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request time limit in s (default 120)")

@@ -2,12 +2,15 @@
 
 A request becomes a :class:`Job`. Admission is bounded (``workers`` running + ``max_queue``
 waiting); past that :meth:`Engine.submit` raises :class:`QueueFull` and the API answers 429, so
-a burst cannot pile up unbounded work or memory. A worker runs ``model.generate`` with
+a burst cannot pile up unbounded work or memory. A worker takes a job and, answer by answer,
+hands it to its model's :class:`~dpolab.serve.batching.Batcher`, where every answer being
+generated at the time shares one batched forward per decode step (the module explains how
+requests join and leave). Per answer:
 
-* an :class:`AnswerSink` streamer: decodes token by token, cuts at stop strings, and pushes text
-  deltas onto the job's event queue (which the HTTP response reads, SSE or not);
-* a :class:`RequestStop` stopping criterion tied to the job: the Stop button, a client that
-  disconnects or the per-request time limit end the generation at the next token, on the server.
+* an :class:`AnswerSink` decodes token by token, cuts at stop strings, and pushes text deltas
+  onto the job's event queue (which the HTTP response reads, SSE or not);
+* a :class:`RequestStop` tied to the job: the Stop button, a client that disconnects or the
+  per-request time limit take the answer out of the batch before the next step, on the server.
 """
 
 from __future__ import annotations
@@ -22,18 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpolab.serve.batching import Batcher
 from dpolab.serve.chat import format_answer
 from dpolab.serve.metrics import Metrics
 from dpolab.serve.models import LoadedModel, ServedModels, implicit_rewards
 from dpolab.serve.validation import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-try:  # transformers is imported lazily by the app, but generate() requires a BaseStreamer subclass
-    from transformers.generation.streamers import BaseStreamer
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    BaseStreamer = object  # type: ignore[assignment,misc]
-
 
 class QueueFull(Exception):
     def __init__(self, retry_after: int) -> None:
@@ -101,8 +99,8 @@ class Job:
             return None
 
 
-class AnswerSink(BaseStreamer):  # type: ignore[misc,valid-type]
-    """``generate()`` streamer: token ids in, text deltas out, never past a stop string.
+class AnswerSink:
+    """Token ids in, text deltas out, never past a stop string.
 
     Text is re-decoded from all answer ids at each step (answers are short) so multi-token
     characters come out whole; the tail that could still become a stop string, or an incomplete
@@ -117,14 +115,7 @@ class AnswerSink(BaseStreamer):  # type: ignore[misc,valid-type]
         self.text = ""
         self.sent = 0
         self.stopped = False  # EOS or a stop string: a natural end ("stop")
-        self._prompt_seen = False
         self._final = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first pushes the prompt
-            self._prompt_seen = True
-            return
-        self.put_ids(value.reshape(-1).tolist())
 
     def put_ids(self, ids: list[int]) -> None:
         if self.stopped:
@@ -165,7 +156,7 @@ class AnswerSink(BaseStreamer):  # type: ignore[misc,valid-type]
 
 
 class RequestStop:
-    """Stopping criterion tied to one job: cancelled, past its deadline, or its sink has stopped."""
+    """Whether one job's answer must end now: cancelled, past its deadline, or its sink has stopped."""
 
     def __init__(self, job: Job, sink: AnswerSink) -> None:
         self.job, self.sink = job, sink
@@ -179,33 +170,10 @@ class RequestStop:
                 self.reason = "time_limit"
         return self.sink.stopped or self.reason is not None
 
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.check(), dtype=torch.bool, device=input_ids.device)
-
-
-def hf_generate(loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, sink: AnswerSink,
-                stop: RequestStop) -> None:
-    """Run ``model.generate`` for one prompt; tokens flow out through ``sink``."""
-    import torch
-    from transformers import GenerationConfig, StoppingCriteriaList
-
-    sampling: dict[str, Any] = {"do_sample": False}
-    if params.temperature > 0:
-        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
-                    "top_k": params.top_k}
-    eos = loaded.tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
-                              pad_token_id=loaded.tokenizer.pad_token_id or eos, eos_token_id=eos, **sampling)
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # (1, T)
-    loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                          streamer=sink, stopping_criteria=StoppingCriteriaList([stop]))
-
 
 class Engine:
-    """Owns the models (loaded once, in the background so /healthz can answer 503 meanwhile) and
-    the worker threads."""
+    """Owns the models (loaded once, in the background so /healthz can answer 503 meanwhile), the
+    worker threads (one per running job) and one decode loop per model (shared by the running jobs)."""
 
     def __init__(self, loader: Callable[[], ServedModels], workers: int = 1, max_queue: int = 8,
                  metrics: Metrics | None = None) -> None:
@@ -218,7 +186,8 @@ class Engine:
         self.models: ServedModels | None = None
         self.load_error: str | None = None
         self.ready = threading.Event()
-        self.generate: Callable[..., None] = hf_generate  # the one seam tests replace (XSS test)
+        self.generate: Callable[..., None] = self.batched_generate  # the one seam tests replace (XSS test)
+        self._batchers: dict[int, Batcher] = {}  # id(LoadedModel) -> its decode loop
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._registry: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -261,6 +230,10 @@ class Engine:
             self._jobs.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
+        with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close()
 
     # -- admission -------------------------------------------------------------------------
     @property
@@ -295,6 +268,24 @@ class Engine:
         return True
 
     # -- work ------------------------------------------------------------------------------
+    def batcher(self, loaded: LoadedModel) -> Batcher:
+        """``loaded``'s decode loop, started on first use."""
+        with self._lock:
+            batcher = self._batchers.get(id(loaded))
+            if batcher is None:
+                batcher = self._batchers[id(loaded)] = Batcher(loaded.model, loaded.id)
+            return batcher
+
+    def batched_generate(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams,
+                         sink: AnswerSink, stop: RequestStop) -> None:
+        """Generate one answer in ``loaded``'s shared batch; tokens flow out through ``sink``."""
+
+        def on_token(token: int) -> bool:
+            sink.put_ids([token])
+            return sink.stopped
+
+        self.batcher(loaded).generate(prompt_ids, params, on_token, stop.check)
+
     def _work(self) -> None:
         while True:
             job = self._jobs.get()

@@ -2,8 +2,8 @@
 curl scripts) can talk to a dpolab model: /v1/models, /v1/completions, /v1/chat/completions.
 
 Only what a one-model CPU server can honour is accepted: ``n`` must be 1 (a clear 400 otherwise);
-unknown OpenAI fields (``user``, ``seed``, penalties...) are ignored as OpenAI-compatible servers
-commonly do. ``top_k`` and ``repetition_penalty`` are accepted as extensions.
+unknown OpenAI fields (``user``, penalties...) are ignored as OpenAI-compatible servers
+commonly do. ``seed`` fixes the sampling; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
 """
 
 from __future__ import annotations

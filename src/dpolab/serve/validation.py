@@ -108,6 +108,7 @@ class SamplingParams:
     max_new_tokens: int = SAMPLING["max_new_tokens"]
     repetition_penalty: float = SAMPLING["repetition_penalty"]
     stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None  # sampling's random stream; None = fresh each request
 
 
 # The bounds the page's inputs use too (served by /api/model), so browser and server agree.
@@ -147,6 +148,7 @@ def sampling_params(data: dict[str, Any], max_new_tokens_cap: int, max_tokens_ke
         repetition_penalty=_number(data, "repetition_penalty", b["repetition_penalty"]["default"],
                                    b["repetition_penalty"]["min"], b["repetition_penalty"]["max"]),
         stop=stop_strings(data),
+        seed=_integer(data, "seed", None, 0, 2**63 - 1),
     )
     return params, capped
 
