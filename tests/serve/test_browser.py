@@ -12,6 +12,8 @@ import pytest
 
 from dpolab.serve.chat import ASSISTANT
 
+from .conftest import Gate
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -43,8 +45,12 @@ def open_page(browser, url: str, **context):
     return page, errors
 
 
-def test_chat_stream_stop_compare_and_prefer(browser, live_server, tmp_path):
-    url = live_server(MAX_NEW_TOKENS=512, DEFAULT_MAX_NEW_TOKENS=12, MAX_QUEUE=4)
+def test_chat_stream_stop_compare_and_prefer(browser, live_server, make_app, tmp_path):
+    app = make_app(MAX_NEW_TOKENS=512, DEFAULT_MAX_NEW_TOKENS=12, MAX_QUEUE=4)
+    # The first answer is held open after its first tokens until the Stop click's cancel arrives:
+    # a fast model can no longer finish before the click lands (issue 13).
+    gate = Gate(app)
+    url = live_server(app=app)
     app_prefs = Path(tmp_path / "preferences.jsonl")  # make_app's PREFERENCES_PATH
     page, errors = open_page(browser, url, viewport={"width": 1280, "height": 860})
     page.fill("#max_new_tokens", "512")
@@ -60,9 +66,11 @@ def test_chat_stream_stop_compare_and_prefer(browser, live_server, tmp_path):
     stopped = page.locator(".answer[data-finish]").first
     stopped.wait_for()
     assert stopped.get_attribute("data-finish") == "cancelled"  # the server's finish reason
+    assert stopped.locator(".answer-text").text_content() == gate.text.strip()
     assert page.locator(".finish").first.text_content() == "stopped"
     page.wait_for_selector("#stop:disabled")
     assert page.is_enabled("#send")
+    gate.open()  # from here on the real model answers
 
     # Compare mode: two answers, each with its implicit reward; mark one better.
     page.fill("#max_new_tokens", "12")

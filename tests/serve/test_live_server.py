@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .conftest import sse_events
+from .conftest import Gate, sse_events
 
 
 def get(url: str) -> tuple[int, str]:
@@ -65,8 +65,10 @@ def test_server_streams_tokens_over_http(live_server):
     connection.close()
 
 
-def test_disconnected_client_stops_its_generation(live_server):
-    url = live_server(MAX_NEW_TOKENS=512)
+def test_disconnected_client_stops_its_generation(live_server, make_app):
+    app = make_app(MAX_NEW_TOKENS=512)
+    Gate(app)  # held open after its first tokens: only the hang-up can end it
+    url = live_server(app=app)
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     connection.request("POST", "/api/generate", json.dumps({"prompt": "go", "max_new_tokens": 512, "stream": True}),
@@ -82,10 +84,37 @@ def test_disconnected_client_stops_its_generation(live_server):
     assert get(f"{url}/healthz")[0] == 200
 
 
-def test_bounded_load_8_threads_x_8_requests(live_server):
+def test_close_finishes_responses_before_closing_sockets(make_app):
+    """Issue 13's EBADF: a request thread still writing a response when the loop closed its
+    wake-up pipe got "Bad file descriptor". Closing now cancels the generation, lets the response
+    finish (the client reads its last event) and ends every request thread before the sockets go."""
+    from dpolab.serve.server import ServerThread
+
+    app = make_app(MAX_NEW_TOKENS=512)
+    gate = Gate(app)
+    server = ServerThread(app)
+    parts = urlsplit(server.__enter__())
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    connection.request("POST", "/api/generate", json.dumps({"prompt": "go", "max_new_tokens": 512, "stream": True}),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    gate.wait_holding()
+    server.close()
+    events = list(sse_events(iter(lambda: response.read1(4096), b"")))
+    assert events[-1][0] == "result" and events[-1][1]["finish_reason"] == "cancelled"
+    assert server.server.task_dispatcher.threads == set()  # no request thread can write any more
+    assert not server.running()
+    connection.close()
+
+
+def test_bounded_load_8_threads_x_8_requests(live_server, make_app):
     """Acceptance 4: 8 client threads x 8 requests, tiny model, 2-slot queue (1 worker + 2 waiting):
     no 5xx, every request answered (200) or refused (429 + Retry-After), server still healthy."""
-    url = live_server(WORKERS=1, MAX_QUEUE=2)
+    app = make_app(WORKERS=1, MAX_QUEUE=2)
+    # Admitted generations are held until the first 429 is seen, so the overflow is certain,
+    # however fast the model or slow the clients; then the real model answers.
+    gate = Gate(app)
+    url = live_server(app=app)
     statuses: Counter[int] = Counter()
     problems: list[str] = []
     lock = threading.Lock()
@@ -100,8 +129,10 @@ def test_bounded_load_8_threads_x_8_requests(live_server):
                 statuses[status] += 1
                 if status == 200 and not ("text" in body or "choices" in body):
                     problems.append(f"200 without an answer: {body}")
-                if status == 429 and not headers.get("Retry-After", "").isdigit():
-                    problems.append(f"429 without Retry-After: {headers}")
+                if status == 429:
+                    gate.open()
+                    if not headers.get("Retry-After", "").isdigit():
+                        problems.append(f"429 without Retry-After: {headers}")
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for thread in threads:
