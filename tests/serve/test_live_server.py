@@ -3,13 +3,20 @@ bounded load test of acceptance 4."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -151,33 +158,40 @@ def test_bounded_load_8_threads_x_8_requests(live_server, make_app):
     assert post(f"{url}/api/generate", {"prompt": "still there?", "max_new_tokens": 2})[0] == 200
 
 
-@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
-def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path, stop_signal):
-    """The real start-up path of `dpolab serve RUN`: listens first (healthz 503 while loading),
-    then 200; Ctrl-C (SIGINT) or a service manager's SIGTERM stops it cleanly, exit code 0."""
-    import signal
-    import subprocess
-    import sys
+@contextlib.contextmanager
+def serve_cli(*args: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
+    """The real `dpolab serve ARGS` run from ``cwd``: yields (url once /healthz is 200, process, output)."""
 
     def like_a_terminal() -> None:
         # A shell starts background jobs with SIGINT ignored, and Python then never raises
         # KeyboardInterrupt: give the server the default Ctrl-C a terminal would.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dpolab.cli", "serve", str(run_dir), "--port", "0", "--preferences",
-         str(tmp_path / "prefs.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-        preexec_fn=like_a_terminal)
+    process = subprocess.Popen([sys.executable, "-m", "dpolab.cli", "serve", *args, "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                               preexec_fn=like_a_terminal)
     output: list[str] = []
     try:
         first = process.stdout.readline()
-        match = __import__("re").search(r"listening on (http://127\.0\.0\.1:\d+)", first)
-        assert match, first
+        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", first)
+        assert match, first + process.stdout.read()
         # Keep reading: a server whose output pipe fills up blocks on its next log line.
-        reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
-        reader.start()
+        threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
         url = match.group(1)
         wait_for(lambda: get(f"{url}/healthz")[0] == 200, timeout=120)
+        yield url, process, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path, stop_signal):
+    """The real start-up path of `dpolab serve RUN`: listens first (healthz 503 while loading),
+    then 200; Ctrl-C (SIGINT) or a service manager's SIGTERM stops it cleanly, exit code 0."""
+    with serve_cli(str(run_dir), "--preferences", str(tmp_path / "prefs.jsonl"), cwd=tmp_path) as (url, process,
+                                                                                                 output):
         status, _, body = post(f"{url}/api/generate", {"prompt": "hello", "max_new_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] >= 1
         process.send_signal(getattr(signal, stop_signal))
@@ -185,7 +199,18 @@ def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path, st
             assert process.wait(timeout=60) == 0
         except subprocess.TimeoutExpired:
             pytest.fail(f"dpolab serve did not stop on {stop_signal}; its output:\n" + "".join(output[-40:]))
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+
+
+def test_serve_command_with_relative_paths(sweep_dir):
+    """Issue 12 item 1: `dpolab serve beta-sweep` typed in the sweep's parent folder. The plots and
+    the full report answered 404 (Flask resolved the relative folder against its package root)."""
+    cwd = sweep_dir.parent
+    with serve_cli(sweep_dir.name, "--preferences", "prefs.jsonl", cwd=cwd) as (url, _, _):
+        assert "/experiments/report/loss.png" in get(f"{url}/experiments")[1]
+        with urllib.request.urlopen(f"{url}/experiments/report/loss.png", timeout=30) as response:
+            assert response.status == 200 and response.read().startswith(b"\x89PNG")
+        status, report = get(f"{url}/experiments/report.html")
+        assert status == 200 and "<h1>Report</h1>" in report
+        status, _, body = post(f"{url}/api/preference", {"prompt": "q", "chosen": "yes", "rejected": "no"})
+        assert status == 201 and body["file"] == "prefs.jsonl"
+    assert len((cwd / "prefs.jsonl").read_text().splitlines()) == 1  # relative to where it was typed

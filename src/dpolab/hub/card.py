@@ -24,6 +24,9 @@ TAGS = ["dpo", "gpt2", "rlhf", "dpolab"]
 PROMPT_FORMAT = "\n\nHuman: {message}\n\nAssistant:"
 STOP_SEQUENCE = "\n\nHuman:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Card metadata key holding the DPO beta the model was trained with: `dpolab serve` scales the
+# implicit rewards it shows for an export or Hub model by it.
+BETA_METADATA = "dpolab_beta"
 
 # (config key, label) in the order the hyperparameter table shows them.
 HYPERPARAMETERS = [
@@ -118,6 +121,7 @@ def card_data(run: RunFolder) -> ModelCardData:
         eval_results=results or None,
         # The run record verbatim, whatever kind of base it was (built-in, Hub id or folder).
         dpolab_base_model=base,
+        **{BETA_METADATA: run.config().get("beta")},
     )
 
 
