@@ -129,6 +129,9 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     page.press("#prompt", "Enter")
     answer = page.locator(".answer[data-finish] .answer-text")
     answer.wait_for()
+    # A card shows its finish as soon as its answer is complete, but its buttons are wired only
+    # when the whole turn's result (rewards) has arrived: wait for that, not for the card.
+    page.wait_for_selector("#send:enabled")
     assert answer.text_content() == hostile.strip()
     assert page.locator(".answer-text script, .answer-text img").count() == 0
     assert page.evaluate("window.__xss") is None
@@ -137,8 +140,12 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     # Headless Chromium's system clipboard sometimes never settles its promise; record what the
     # page hands to the Clipboard API instead (the browser's own clipboard is not under test).
     page.evaluate("navigator.clipboard.writeText = async (text) => { window.__copied = text; }")
+    # "Copied" shows for 1.5 s only: record every label the button takes instead of racing to see it.
+    page.evaluate("""() => { const button = document.querySelector('.answer .copy'); window.__labels = [];
+        new MutationObserver(() => window.__labels.push(button.textContent))
+            .observe(button, {childList: true, characterData: true, subtree: true}); }""")
     page.click(".answer .copy")
-    page.wait_for_selector(".answer .copy:has-text('Copied')")
+    page.wait_for_function("() => window.__labels.includes('Copied')")
     assert page.evaluate("window.__copied") == hostile.strip()
     page.click(".answer .regen")
     page.wait_for_selector(".answer[data-finish]")

@@ -12,7 +12,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from dpolab.errors import RunFolderError
+
 from .conftest import Gate, make_run
+from .test_live_server import metric
 
 
 def post_raw(client, path: str, body: str, **headers):
@@ -122,23 +125,23 @@ def test_non_streaming_disconnect_cancels_a_generation_that_keeps_writing(live_s
     # A token every 20 ms: the old code looked for a gone client only after 0.25 s without one,
     # so this generation ran on to all 1000 tokens (20 s) for nobody.
     gate = Gate(app, trickle_s=0.02)
-    parts = urlsplit(live_server(app=app))
+    url = live_server(app=app)
+    parts = urlsplit(url)
     body = json.dumps({"prompt": "go", "max_new_tokens": 1000}).encode()
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
         sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         gate.wait_holding()
-    registry = app.extensions["dpolab.engine"].metrics.registry
 
     def finished(reason: str) -> float:
-        return registry.get_sample_value("dpolab_generations_total", {"finish_reason": reason}) or 0.0
+        return metric(url, f'dpolab_generations_total{{finish_reason="{reason}"}}')
 
     deadline = time.monotonic() + 60
     while not finished("cancelled") and not finished("length"):
         assert time.monotonic() < deadline, "the generation never ended"
         time.sleep(0.05)
-    assert finished("cancelled") == 1
-    assert registry.get_sample_value("dpolab_generated_tokens_total") < 1000
+    assert finished("cancelled") == 1 and finished("length") == 0
+    assert metric(url, "dpolab_generated_tokens_total") < 1000
 
 
 # -- W12: /api/preference took any Content-Type and Origin, any size and rate, any row -------------
@@ -192,9 +195,12 @@ def test_preference_file_growth_is_capped(make_app, tmp_path):
 @pytest.mark.parametrize("missing", ["tokenizer_config.json", "summary.json"])
 def test_serve_refuses_an_unfinished_run(tmp_path, missing, capsys):
     from dpolab.cli import main
+    from dpolab.serve.models import describe
 
     run = make_run(tmp_path / "killed")
     (run.path if missing == "summary.json" else run.model_dir).joinpath(missing).unlink()
+    with pytest.raises(RunFolderError, match="training unfinished"):
+        describe(str(run.path))  # checked before the server binds (the old code served it)
     assert main(["serve", str(run.path), "--port", "0"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "training unfinished?" in error and missing in error
