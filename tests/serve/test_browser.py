@@ -161,3 +161,29 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") != before
     assert errors == []
     page.context.close()
+
+
+def test_unknown_beta_is_said_on_the_page(browser, live_server, make_app, run_dir, tmp_path):
+    """Issue 12 item 5: a model folder that records nothing about its training (no run, no card)
+    gets rewards scaled by the default beta, and the page says so next to them."""
+    import shutil
+
+    from dpolab.serve.models import load_served_models
+
+    bare = tmp_path / "bare-model"
+    shutil.copytree(run_dir / "model", bare)
+    url = live_server(app=make_app(MODELS=load_served_models(str(bare), reference="tiny-gpt2")))
+    page, errors = open_page(browser, url)
+    panel = page.text_content("#model-info")
+    assert "betaunknown" in panel and "beta unknown: this model's records do not say" in panel
+    page.check("#compare")
+    page.fill("#max_new_tokens", "3")
+    page.fill("#prompt", "Hello?")
+    page.click("#send")
+    page.wait_for_selector("#send:enabled")
+    rewards = page.locator(".answer .reward")
+    assert rewards.count() == 2
+    for i in range(2):
+        assert re.fullmatch(r"reward [+-]\d+\.\d{3} \(beta unknown\)", rewards.nth(i).text_content())
+    assert errors == []
+    page.context.close()
