@@ -213,4 +213,12 @@ def test_serve_command_with_relative_paths(sweep_dir):
         assert status == 200 and "<h1>Report</h1>" in report
         status, _, body = post(f"{url}/api/preference", {"prompt": "q", "chosen": "yes", "rejected": "no"})
         assert status == 201 and body["file"] == "prefs.jsonl"
+        # A DNS-rebound page: its own name as Host, and as Origin. Only this machine's names are served.
+        parts = urlsplit(url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        rebound = f"rebound.example:{parts.port}"
+        connection.request("POST", "/api/preference", json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}),
+                           {"Host": rebound, "Origin": f"http://{rebound}", "Content-Type": "application/json"})
+        assert connection.getresponse().status == 400
+        connection.close()
     assert len((cwd / "prefs.jsonl").read_text().splitlines()) == 1  # relative to where it was typed

@@ -107,9 +107,10 @@ def _response(head: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     answers = result["answers"]
     first = answers[0]
     completion = sum(a["completion_tokens"] for a in answers)
+    models = jobs.engine().models
+    assert models is not None
     return {**head, "model": first["model"], "text": first["text"], "finish_reason": first["finish_reason"],
-            "reward": first["reward"], "beta": result["beta"], "beta_known": jobs.engine().models.beta_known,  # type: ignore[union-attr]
-            "answers": answers,
+            "reward": first["reward"], "beta": result["beta"], "beta_known": models.beta_known, "answers": answers,
             "usage": {"prompt_tokens": head["prompt_tokens"], "completion_tokens": completion,
                       "total_tokens": head["prompt_tokens"] + completion}}
 

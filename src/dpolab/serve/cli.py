@@ -10,6 +10,8 @@ from pathlib import Path
 
 from dpolab.errors import ConfigError
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -59,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     app = create_app({"MODEL": source, "REFERENCE": reference, "PRECISION": args.precision,
                       "WORKERS": args.workers,
                       "MAX_QUEUE": args.queue, "MAX_NEW_TOKENS": args.max_new_tokens,
-                      "REQUEST_TIMEOUT_S": args.timeout, "PREFERENCES_PATH": str(preferences)})
+                      "REQUEST_TIMEOUT_S": args.timeout, "PREFERENCES_PATH": str(preferences),
+                      # A page on another site whose name it re-points at 127.0.0.1 (DNS rebinding)
+                      # sends its own name as Host: a server on this machine only answers its own names.
+                      "TRUSTED_HOSTS": list(LOOPBACK) if args.host in LOOPBACK else None})
     engine = app.extensions["dpolab.engine"]
     # A service manager stops us with SIGTERM: shut down as cleanly as on Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
