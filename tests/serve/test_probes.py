@@ -201,6 +201,7 @@ def test_serve_refuses_an_unfinished_run(tmp_path, missing, capsys):
     (run.path if missing == "summary.json" else run.model_dir).joinpath(missing).unlink()
     with pytest.raises(RunFolderError, match="training unfinished"):
         describe(str(run.path))  # checked before the server binds (the old code served it)
+    capsys.readouterr()  # drop make_run's own output (save_pretrained's progress bar)
     assert main(["serve", str(run.path), "--port", "0"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "training unfinished?" in error and missing in error
