@@ -3,6 +3,7 @@ metrics."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from dpolab.serve.preferences import append_row, count_rows, encode_row, prefere
 from dpolab.serve.validation import (
     BOUNDS,
     ApiError,
+    SamplingParams,
     boolean,
     json_body,
     known_fields,
@@ -64,7 +66,8 @@ def _turns(data: dict[str, Any]) -> list[dict[str, str]]:
     return [*history, {"role": "user", "content": prompt or ""}]
 
 
-GENERATE_FIELDS = {"prompt", "history", "compare", "stream", "stop", *BOUNDS}
+# What /api/generate reads: the chat, its switches, and every sampling setting sampling_params parses.
+GENERATE_FIELDS = {"prompt", "history", "compare", "stream", *(f.name for f in fields(SamplingParams))}
 
 
 @bp.post("/api/generate")

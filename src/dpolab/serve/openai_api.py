@@ -4,7 +4,7 @@ curl scripts) can talk to a dpolab model: /v1/models, /v1/completions, /v1/chat/
 Only what a one-model CPU server can honour is accepted: ``n`` must be 1, and ``logprobs``,
 ``echo``, ``best_of``, penalties and the other features in UNSUPPORTED must be absent or at their
 no-op value (a 400 naming the field otherwise, as OpenAI answers unsupported values); fields that
-change nothing about the answer (``user``, ``seed``...) are ignored as OpenAI-compatible servers
+change nothing about the answer (``user``, ``metadata``...) are ignored as OpenAI-compatible servers
 commonly do. ``top_k`` and ``repetition_penalty`` are accepted as extensions.
 """
 
