@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dpolab.serve import jobs
-from dpolab.serve.preferences import append_row, count_rows, encode_row, preference_row
+from dpolab.serve.preferences import append_row, check_pair, count_rows, encode_row, preference_row
 from dpolab.serve.validation import (
     BOUNDS,
     ApiError,
@@ -135,8 +135,9 @@ def preference() -> Any:
     turns = _turns(data)
     chosen, rejected = text(data, "chosen"), text(data, "rejected")
     path = Path(current_app.config["PREFERENCES_PATH"])
-    row = encode_row(preference_row(turns, chosen or "", rejected or ""))
-    current_app.extensions["dpolab.preference_limit"].admit(path, row)
+    row = preference_row(turns, chosen or "", rejected or "")
+    check_pair(chosen or "", rejected or "", row)
+    current_app.extensions["dpolab.preference_limit"].admit(path, encode_row(row))
     append_row(path, row)
     return jsonify(saved=True, file=path.name, rows=count_rows(path)), 201
 

@@ -24,7 +24,14 @@ _lock = threading.Lock()
 
 
 def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, str]:
-    """The HH-RLHF row, refused (400 naming the field) unless ``dpolab train --dataset`` would keep it."""
+    prompt = dialogue(turns)
+    assert prompt.endswith(ASSISTANT)
+    return {"chosen": prompt + format_answer(chosen), "rejected": prompt + format_answer(rejected)}
+
+
+def check_pair(chosen: str, rejected: str, row: dict[str, Any]) -> None:
+    """Refuse (400 naming the field) a pair that ``dpolab train --dataset`` would drop, or learn
+    nothing from: the file must hold only rows the next round trains on."""
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         marker = next((m for m in TURN_STOPS if m in answer), None)
         if marker is not None:  # the loader would split the dialogue inside the answer
@@ -33,14 +40,10 @@ def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str) -> d
     if chosen.strip() == rejected.strip():
         raise ApiError("chosen and rejected are the same answer: such a pair teaches DPO nothing", param="rejected",
                        code="invalid_value")
-    prompt = dialogue(turns)
-    assert prompt.endswith(ASSISTANT)
-    row = {"chosen": prompt + format_answer(chosen), "rejected": prompt + format_answer(rejected)}
     _, reason = to_pair(row)  # exactly the check the data loader makes
     if reason is not None:
         raise ApiError(f"the training data loader would drop this pair ({reason})", param="prompt",
                        code="invalid_value")
-    return row
 
 
 class GrowthLimit:
@@ -76,13 +79,14 @@ def encode_row(row: dict[str, Any]) -> bytes:
     return (json.dumps(row, ensure_ascii=False) + "\n").encode()
 
 
-def append_row(path: Path, data: bytes) -> None:
-    """Append one encoded JSON line (:func:`encode_row`) atomically.
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line atomically.
 
     The whole line goes out in one ``write(2)`` on an ``O_APPEND`` descriptor, under a thread lock
     (threads of this server) and an exclusive ``flock`` (other processes appending to the same
     file), so concurrent clicks never interleave or tear lines.
     """
+    data = encode_row(row)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _lock:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
