@@ -11,9 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_DEPTH = 32  # JSON nesting a request may have; the deepest real one (chat content parts) is 4
-
-
 class ApiError(Exception):
     """An error answered as JSON. ``param`` names the offending request field."""
 
@@ -30,6 +27,9 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+MAX_DEPTH = 32  # JSON nesting a request may have; the deepest real one (chat content parts) is 4
 
 
 def json_body() -> dict[str, Any]:
