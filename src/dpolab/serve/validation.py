@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+
 class ApiError(Exception):
     """An error answered as JSON. ``param`` names the offending request field."""
 
