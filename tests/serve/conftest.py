@@ -7,6 +7,7 @@ counts, status codes, cancellation), never content.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,52 @@ def live_server(make_app: Callable[..., Any]) -> Iterator[Callable[..., str]]:
     yield start
     for server in servers:
         server.close()
+
+
+class Gate:
+    """Test-only stand-in for the engine's generate step, so a test that stops, disconnects, times
+    out or fills the queue never races a fast model.
+
+    While closed, each generation sends the real token ids of ``text`` through the real streaming
+    path (AnswerSink, events, SSE) and then holds the generation open until its job is stopped:
+    the Stop button's cancel, a client disconnect or the time limit (RequestStop, the check the
+    real model makes after every token), or until the gate opens. With ``trickle_s`` it keeps sending
+    a token every ``trickle_s`` seconds meanwhile, up to max new tokens, like a slow model that is
+    still writing. Once open, generation is the real model's again.
+    """
+
+    def __init__(self, app: Any, text: str = " Once upon a time there was", trickle_s: float | None = None) -> None:
+        engine = app.extensions["dpolab.engine"]
+        self.real = engine.generate
+        self.text = text
+        self.trickle_s = trickle_s
+        self.opened = threading.Event()
+        self.holding = threading.Semaphore(0)  # released once per generation that reached its hold
+        engine.generate = self
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def __call__(self, loaded: Any, prompt_ids: list[int], params: Any, sink: Any, stop: Any) -> None:
+        if self.opened.is_set():
+            return self.real(loaded, prompt_ids, params, sink, stop)
+        ids = loaded.tokenizer(self.text).input_ids
+        sent = 0
+        for token in ids[: params.max_new_tokens]:
+            sink.put_ids([token])
+            sent += 1
+        self.holding.release()
+        # stop.check() reads the job's cancel event and deadline: the same test the real model makes.
+        while not stop.check() and not self.opened.wait(self.trickle_s or 0.005):
+            if self.trickle_s is not None:
+                if sent >= params.max_new_tokens:
+                    return  # finish "length", as the model would
+                sink.put_ids([ids[sent % len(ids)]])
+                sent += 1
+
+    def wait_holding(self, count: int = 1, timeout: float = 60.0) -> None:
+        for _ in range(count):
+            assert self.holding.acquire(timeout=timeout), "no generation reached the gate"
 
 
 def sse_events(chunks: Iterable[bytes | str]) -> Iterator[tuple[str, Any]]:

@@ -11,7 +11,7 @@ import pytest
 
 from dpolab.serve.chat import ASSISTANT
 
-from .conftest import sse_events
+from .conftest import Gate, sse_events
 
 
 def wait_idle(app, timeout: float = 30.0) -> None:
@@ -194,8 +194,9 @@ def _first_token(response) -> tuple[str, list]:
 
 
 def test_stop_cancels_generation_on_server(make_app):
-    # 512 tokens: far more than can be generated between reading the first token and cancelling.
-    client = make_app(MAX_NEW_TOKENS=512).test_client()
+    app = make_app(MAX_NEW_TOKENS=512)
+    Gate(app)  # held open after its first tokens until the cancel arrives
+    client = app.test_client()
     response = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 512, "stream": True,
                                                   "temperature": 1.0}, buffered=False)
     job_id, _ = _first_token(response)
@@ -209,6 +210,7 @@ def test_stop_cancels_generation_on_server(make_app):
 
 def test_client_disconnect_cancels_generation(make_app):
     app = make_app(MAX_NEW_TOKENS=512)
+    Gate(app)
     client = app.test_client()
     response = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 512, "stream": True},
                            buffered=False)
@@ -220,6 +222,7 @@ def test_client_disconnect_cancels_generation(make_app):
 
 def test_full_queue_answers_429_with_retry_after(make_app):
     app = make_app(WORKERS=1, MAX_QUEUE=1, MAX_NEW_TOKENS=512)
+    gate = Gate(app)  # the running job holds its worker until cancelled
     client = app.test_client()
     body = {"prompt": "go", "max_new_tokens": 512, "stream": True}
     running = client.post("/api/generate", json=body, buffered=False)
@@ -235,11 +238,14 @@ def test_full_queue_answers_429_with_retry_after(make_app):
     running.close()
     wait_idle(app)
     assert 'dpolab_generations_total{finish_reason="cancelled"} 2' in client.get("/metrics").get_data(as_text=True)
+    gate.open()
     assert client.post("/api/generate", json={"prompt": "again", "max_new_tokens": 2}).status_code == 200
 
 
 def test_request_time_limit(make_app):
-    client = make_app(REQUEST_TIMEOUT_S=0.05, MAX_NEW_TOKENS=512).test_client()
+    app = make_app(REQUEST_TIMEOUT_S=0.05, MAX_NEW_TOKENS=512)
+    Gate(app)  # never finishes on its own: only the time limit can end it
+    client = app.test_client()
     body = client.post("/api/generate", json={"prompt": "go", "max_new_tokens": 512}).json
     assert body["finish_reason"] == "time_limit" and body["usage"]["completion_tokens"] < 512
 

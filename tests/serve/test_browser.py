@@ -12,6 +12,8 @@ import pytest
 
 from dpolab.serve.chat import ASSISTANT
 
+from .conftest import Gate
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -35,6 +37,9 @@ def browser():
 
 def open_page(browser, url: str, **context):
     page = browser.new_context(**context).new_page()
+    # Nothing here waits on a clock (the Stop test holds its answer open); this is only how long a
+    # CPU shared with other work may take to answer before a wait counts as a failure.
+    page.set_default_timeout(120_000)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
@@ -43,8 +48,12 @@ def open_page(browser, url: str, **context):
     return page, errors
 
 
-def test_chat_stream_stop_compare_and_prefer(browser, live_server, tmp_path):
-    url = live_server(MAX_NEW_TOKENS=512, DEFAULT_MAX_NEW_TOKENS=12, MAX_QUEUE=4)
+def test_chat_stream_stop_compare_and_prefer(browser, live_server, make_app, tmp_path):
+    app = make_app(MAX_NEW_TOKENS=512, DEFAULT_MAX_NEW_TOKENS=12, MAX_QUEUE=4)
+    # The first answer is held open after its first tokens until the Stop click's cancel arrives:
+    # a fast model can no longer finish before the click lands (issue 13).
+    gate = Gate(app)
+    url = live_server(app=app)
     app_prefs = Path(tmp_path / "preferences.jsonl")  # make_app's PREFERENCES_PATH
     page, errors = open_page(browser, url, viewport={"width": 1280, "height": 860})
     page.fill("#max_new_tokens", "512")
@@ -60,9 +69,11 @@ def test_chat_stream_stop_compare_and_prefer(browser, live_server, tmp_path):
     stopped = page.locator(".answer[data-finish]").first
     stopped.wait_for()
     assert stopped.get_attribute("data-finish") == "cancelled"  # the server's finish reason
+    assert stopped.locator(".answer-text").text_content() == gate.text.strip()
     assert page.locator(".finish").first.text_content() == "stopped"
     page.wait_for_selector("#stop:disabled")
     assert page.is_enabled("#send")
+    gate.open()  # from here on the real model answers
 
     # Compare mode: two answers, each with its implicit reward; mark one better.
     page.fill("#max_new_tokens", "12")
@@ -121,6 +132,9 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     page.press("#prompt", "Enter")
     answer = page.locator(".answer[data-finish] .answer-text")
     answer.wait_for()
+    # A card shows its finish as soon as its answer is complete, but its buttons are wired only
+    # when the whole turn's result (rewards) has arrived: wait for that, not for the card.
+    page.wait_for_selector("#send:enabled")
     assert answer.text_content() == hostile.strip()
     assert page.locator(".answer-text script, .answer-text img").count() == 0
     assert page.evaluate("window.__xss") is None
@@ -129,8 +143,12 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     # Headless Chromium's system clipboard sometimes never settles its promise; record what the
     # page hands to the Clipboard API instead (the browser's own clipboard is not under test).
     page.evaluate("navigator.clipboard.writeText = async (text) => { window.__copied = text; }")
+    # "Copied" shows for 1.5 s only: record every label the button takes instead of racing to see it.
+    page.evaluate("""() => { const button = document.querySelector('.answer .copy'); window.__labels = [];
+        new MutationObserver(() => window.__labels.push(button.textContent))
+            .observe(button, {childList: true, characterData: true, subtree: true}); }""")
     page.click(".answer .copy")
-    page.wait_for_selector(".answer .copy:has-text('Copied')")
+    page.wait_for_function("() => window.__labels.includes('Copied')")
     assert page.evaluate("window.__copied") == hostile.strip()
     page.click(".answer .regen")
     page.wait_for_selector(".answer[data-finish]")
@@ -144,5 +162,31 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
     before = page.evaluate("getComputedStyle(document.body).backgroundColor")
     page.click("#theme-toggle")
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") != before
+    assert errors == []
+    page.context.close()
+
+
+def test_unknown_beta_is_said_on_the_page(browser, live_server, make_app, run_dir, tmp_path):
+    """Issue 12 item 5: a model folder that records nothing about its training (no run, no card)
+    gets rewards scaled by the default beta, and the page says so next to them."""
+    import shutil
+
+    from dpolab.serve.models import load_served_models
+
+    bare = tmp_path / "bare-model"
+    shutil.copytree(run_dir / "model", bare)
+    url = live_server(app=make_app(MODELS=load_served_models(str(bare), reference="tiny-gpt2")))
+    page, errors = open_page(browser, url)
+    panel = page.text_content("#model-info")
+    assert "betaunknown" in panel and "beta unknown: this model's records do not say" in panel
+    page.check("#compare")
+    page.fill("#max_new_tokens", "3")
+    page.fill("#prompt", "Hello?")
+    page.click("#send")
+    page.wait_for_selector("#send:enabled")
+    rewards = page.locator(".answer .reward")
+    assert rewards.count() == 2
+    for i in range(2):
+        assert re.fullmatch(r"reward [+-]\d+\.\d{3} \(beta unknown\)", rewards.nth(i).text_content())
     assert errors == []
     page.context.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import sse_events
+from .conftest import Gate, sse_events
 
 
 def test_models_lists_policy_and_reference(client, served):
@@ -43,11 +43,14 @@ def test_chat_completion_stream_chunks_end_with_done(client):
     assert chunks[-1]["choices"] == [] and 1 <= usage["completion_tokens"] <= 5
 
 
-def test_chat_completion_json_and_stop(client):
-    body = client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "stop": ["zzz"]}).json
+def test_chat_completion_json_and_stop(make_app):
+    app = make_app()
+    Gate(app, text=" one two zzz three four")  # a known answer that runs into the stop string
+    body = app.test_client().post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16, "temperature": 0, "stop": ["zzz"]}).json
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "one two"}  # cut before "zzz"
+    assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
 
 
@@ -83,15 +86,17 @@ def test_openai_client_against_live_server(live_server, served):
     completion = client.completions.create(model=served.policy.id, prompt="The weather today", max_tokens=4)
     assert isinstance(completion.choices[0].text, str) and 1 <= completion.usage.completion_tokens <= 4
 
-    stream = client.chat.completions.create(
-        model=served.policy.id, messages=[{"role": "user", "content": "Hello, who are you?"}], max_tokens=6,
-        stream=True, stream_options={"include_usage": True})
+    # Greedy, so the same question gets the same answer: the streamed pieces must add up to it.
+    question = {"model": served.policy.id, "messages": [{"role": "user", "content": "Hello, who are you?"}],
+                "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(**question)
+    stream = client.chat.completions.create(**question, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finish and finish[-1] in ("stop", "length")
-    assert chunks[-1].usage is not None and 1 <= chunks[-1].usage.completion_tokens <= 6
-    assert isinstance(text, str)
+    assert finish == [whole.choices[0].finish_reason] and finish[0] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert text.rstrip() == whole.choices[0].message.content
 
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=served.policy.id, messages=[{"role": "user", "content": "hi"}], n=2)

@@ -25,6 +25,9 @@ from dpolab.runs import RunFolder, SweepFolder
 HH_RLHF_SOURCES = {SAMPLE_NAME: SAMPLE_SUBSET, HH_RLHF: None}
 TAGS = ["dpo", "gpt2", "rlhf", "dpolab"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Card metadata key holding the DPO beta the model was trained with: `dpolab serve` scales the
+# implicit rewards it shows for an export or Hub model by it.
+BETA_METADATA = "dpolab_beta"
 
 # (config key, label) in the order the hyperparameter table shows them.
 HYPERPARAMETERS = [
@@ -122,6 +125,7 @@ def card_data(run: RunFolder) -> ModelCardData:
         eval_results=results or None,
         # The run record verbatim, whatever kind of base it was (built-in, Hub id or folder).
         dpolab_base_model=base,
+        **{BETA_METADATA: run.config().get("beta")},
     )
 
 

@@ -9,6 +9,7 @@ Application factory in the Flask-tutorial style::
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "MAX_CONTEXT": None,  # tokens of prompt + answer; None = the model's context length
     "REQUEST_TIMEOUT_S": 120.0,  # per-request limit, queue wait included
     "PREFERENCES_PATH": "preferences.jsonl",
+    "PREFERENCE_MAX_ROW_BYTES": 64 * 1024,  # one saved pair (the prompt dialogue twice + two answers)
+    "PREFERENCES_PER_MINUTE": 30,  # saved pairs a minute; a person clicking is far below this
+    "PREFERENCES_MAX_BYTES": 64 * 1024 * 1024,  # the preferences file's cap (507 past it)
     "MAX_CONTENT_LENGTH": 64 * 1024,  # request bodies over 64 KB -> 413
     "LOAD_IN_BACKGROUND": True,  # so /healthz can answer 503 while the models load
 }
@@ -38,13 +42,14 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     # Imported here, not at module level: `dpolab --help` imports dpolab.serve.cli, and through it
     # this package, and must stay fast.
-    from flask import Flask, jsonify, request
+    from flask import Flask, g, jsonify, request
     from werkzeug.exceptions import HTTPException
 
     from dpolab.serve import api, openai_api, ui
     from dpolab.serve.generation import Engine
     from dpolab.serve.metrics import Metrics
     from dpolab.serve.models import load_served_models
+    from dpolab.serve.preferences import GrowthLimit
     from dpolab.serve.validation import ApiError
 
     app = Flask(__name__)
@@ -63,6 +68,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     engine = Engine(loader, workers=config["WORKERS"], max_queue=config["MAX_QUEUE"], metrics=Metrics())
     app.extensions["dpolab.engine"] = engine
+    app.extensions["dpolab.preference_limit"] = GrowthLimit(
+        config["PREFERENCE_MAX_ROW_BYTES"], config["PREFERENCES_PER_MINUTE"], config["PREFERENCES_MAX_BYTES"])
     engine.start(background=config["LOAD_IN_BACKGROUND"] and preloaded is None)
 
     app.register_blueprint(ui.bp)
@@ -84,13 +91,19 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         return jsonify(ApiError(message, exc.code or 500, type_=kind, code=exc.name.lower().replace(" ", "_"))
                        .body()), exc.code
 
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.monotonic()
+
     @app.after_request
     def headers_and_metrics(response: Any) -> Any:
         response.headers.setdefault("Content-Security-Policy", CSP)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        engine.metrics.count_request(endpoint, response.status_code)
+        started = g.get("started")
+        engine.metrics.count_request(endpoint, response.status_code,
+                                     None if started is None else time.monotonic() - started)
         return response
 
     return app

@@ -3,14 +3,27 @@ metrics."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from dpolab.serve import jobs
-from dpolab.serve.preferences import append_row, count_rows, preference_row
-from dpolab.serve.validation import BOUNDS, ApiError, boolean, json_body, messages, sampling_params, text
+from dpolab.serve.preferences import append_row, check_pair, count_rows, encode_row, preference_row
+from dpolab.serve.validation import (
+    BOUNDS,
+    ApiError,
+    SamplingParams,
+    boolean,
+    json_body,
+    known_fields,
+    messages,
+    sampling_params,
+    text,
+)
 
 bp = Blueprint("api", __name__)
 
@@ -29,7 +42,7 @@ def metrics() -> Any:
     eng = jobs.engine()
     body = eng.metrics.render(queue_depth=eng.queue_depth, active=eng.active, workers=eng.workers,
                               max_queue=eng.max_queue, ready=eng.ready.is_set())
-    return Response(body, mimetype="text/plain; version=0.0.4")
+    return Response(body, content_type=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/api/model")
@@ -53,9 +66,14 @@ def _turns(data: dict[str, Any]) -> list[dict[str, str]]:
     return [*history, {"role": "user", "content": prompt or ""}]
 
 
+# What /api/generate reads: the chat, its switches, and every sampling setting sampling_params parses.
+GENERATE_FIELDS = {"prompt", "history", "compare", "stream", *(f.name for f in fields(SamplingParams))}
+
+
 @bp.post("/api/generate")
 def generate() -> Any:
     data = json_body()
+    known_fields(data, GENERATE_FIELDS)
     config = current_app.config
     params, capped = sampling_params(data, config["MAX_NEW_TOKENS"], default_max_new_tokens=config["DEFAULT_MAX_NEW_TOKENS"])
     compare = boolean(data, "compare")
@@ -92,8 +110,10 @@ def _response(head: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     answers = result["answers"]
     first = answers[0]
     completion = sum(a["completion_tokens"] for a in answers)
+    models = jobs.engine().models
+    assert models is not None
     return {**head, "model": first["model"], "text": first["text"], "finish_reason": first["finish_reason"],
-            "reward": first["reward"], "beta": result["beta"], "answers": answers,
+            "reward": first["reward"], "beta": result["beta"], "beta_known": models.beta_known, "answers": answers,
             "usage": {"prompt_tokens": head["prompt_tokens"], "completion_tokens": completion,
                       "total_tokens": head["prompt_tokens"] + completion}}
 
@@ -109,9 +129,27 @@ def cancel(job_id: str) -> Any:
 @bp.post("/api/preference")
 def preference() -> Any:
     """Append {"chosen", "rejected"} (HH-RLHF rows) for the next `dpolab train --dataset FILE`."""
+    _same_origin_json()
     data = json_body()
+    known_fields(data, {"prompt", "history", "chosen", "rejected"})
     turns = _turns(data)
     chosen, rejected = text(data, "chosen"), text(data, "rejected")
     path = Path(current_app.config["PREFERENCES_PATH"])
-    append_row(path, preference_row(turns, chosen or "", rejected or ""))
+    row = preference_row(turns, chosen or "", rejected or "")
+    check_pair(chosen or "", rejected or "", row)
+    current_app.extensions["dpolab.preference_limit"].admit(path, encode_row(row))
+    append_row(path, row)
     return jsonify(saved=True, file=path.name, rows=count_rows(path)), 201
+
+
+def _same_origin_json() -> None:
+    """Only this app's own page may write rows. A cross-site page can POST a form or text/plain
+    without a CORS preflight, but not application/json; and a browser names the page's origin."""
+    if request.mimetype != "application/json":
+        raise ApiError(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}", status=415,
+                       code="unsupported_media_type")
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        raise ApiError(f"cross-origin request from {origin!r} refused", status=403, code="cross_origin")
+    if request.headers.get("Sec-Fetch-Site") not in (None, "same-origin", "none"):
+        raise ApiError("cross-site request refused", status=403, code="cross_origin")

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+from pathlib import Path
 
 from dpolab.errors import ConfigError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,13 +52,20 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0, got {args.timeout}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    source = args.model or default_source(args.runs_dir)
+    # Every path the user typed is made absolute here, once: the app must not resolve a relative
+    # path against anything else (Flask's send_from_directory resolves against the package root).
+    source = local_or_hub(args.model) if args.model else default_source(Path(args.runs_dir).resolve())
+    reference = local_or_hub(args.reference) if args.reference else None
+    preferences = Path(args.preferences).resolve()
     describe(source)  # a folder that is no run/sweep/export fails here, in one line, before binding
     # The server listens while the models load in the background, so /healthz answers 503 meanwhile.
-    app = create_app({"MODEL": source, "REFERENCE": args.reference, "PRECISION": args.precision,
+    app = create_app({"MODEL": source, "REFERENCE": reference, "PRECISION": args.precision,
                       "WORKERS": args.workers,
                       "MAX_QUEUE": args.queue, "MAX_NEW_TOKENS": args.max_new_tokens,
-                      "REQUEST_TIMEOUT_S": args.timeout, "PREFERENCES_PATH": args.preferences})
+                      "REQUEST_TIMEOUT_S": args.timeout, "PREFERENCES_PATH": str(preferences),
+                      # A page on another site whose name it re-points at 127.0.0.1 (DNS rebinding)
+                      # sends its own name as Host: a server on this machine only answers its own names.
+                      "TRUSTED_HOSTS": list(LOOPBACK) if args.host in LOOPBACK else None})
     engine = app.extensions["dpolab.engine"]
     # A service manager stops us with SIGTERM: shut down as cleanly as on Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -71,12 +81,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"dpolab serve: model {models.policy.id}, reference {reference}\n"
                   f"  page         {url}/\n"
                   f"  OpenAI API   {url}/v1  (model {models.policy.id!r})\n"
-                  f"  preferences  -> {args.preferences}\nCtrl-C to stop.", flush=True)
+                  f"  preferences  -> {preferences}\nCtrl-C to stop.", flush=True)
             while server.running():
                 server.join(1.0)
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def local_or_hub(name: str) -> str:
+    """An existing local folder as an absolute path; anything else (a Hub id, a built-in name) as given."""
+    path = Path(name)
+    return str(path.resolve()) if path.exists() else name
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

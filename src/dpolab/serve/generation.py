@@ -328,7 +328,16 @@ class Engine:
 
     def _answer(self, job: Job, role: str, loaded: LoadedModel) -> Answer:
         started = time.monotonic()
-        sink = AnswerSink(loaded.tokenizer, job.stops, lambda text: job.emit("token", {"role": role, "text": text}))
+        first_text = role == job.roles[0]  # time to first token: the request's first answer text
+
+        def on_text(text: str) -> None:
+            nonlocal first_text
+            if first_text:
+                first_text = False
+                self.metrics.observe_first_token(time.monotonic() - job.created)
+            job.emit("token", {"role": role, "text": text})
+
+        sink = AnswerSink(loaded.tokenizer, job.stops, on_text)
         stop = RequestStop(job, sink)
         if not stop.check():  # cancelled or timed out while waiting in the queue: do no work
             self.generate(loaded, loaded.tokenizer(job.prompt).input_ids, job.params, sink, stop)

@@ -90,9 +90,11 @@ def wait_result(job: Job, disconnected: Callable[[], bool]) -> dict[str, Any]:
     try:
         while True:
             event = job.next_event(POLL_S)
+            # Checked on every event too, not only when none came for POLL_S: a model that keeps
+            # writing would otherwise keep running for a client that is gone (issue 12, W8).
+            if disconnected():
+                job.cancel()
             if event is None:
-                if disconnected():
-                    job.cancel()
                 continue
             kind, data = event
             if kind == "result":

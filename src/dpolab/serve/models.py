@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpolab.config import TrainConfig
 from dpolab.errors import DpolabError, RunFolderError
 from dpolab.runs import RunFolder, SweepFolder, is_model_folder, latest_result, resolve_model_dir, resolve_run
 
-DEFAULT_BETA = 0.1  # TrainConfig's default: used when the model has no run records
+DEFAULT_BETA = TrainConfig.beta  # used (and said so) when nothing records the model's training beta
 HYPERPARAMETERS = ("beta", "loss_type", "label_smoothing", "learning_rate", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio",
                    "max_length", "max_prompt_length", "max_train_pairs", "seed")
@@ -39,7 +40,8 @@ class LoadedModel:
 class ServedModels:
     policy: LoadedModel
     reference: LoadedModel | None
-    beta: float
+    beta: float  # scales the rewards: the model's training beta, else DEFAULT_BETA (beta_known False)
+    beta_known: bool = True
     info: dict[str, Any] = field(default_factory=dict)  # the model panel (GET /api/model)
     sweep_dir: Path | None = None  # set when the model is a sweep's best trial (experiments page)
 
@@ -85,11 +87,15 @@ def describe(source: str) -> tuple[dict[str, Any], RunFolder | None, Path | None
         info["kind"] = "export"
         if RunFolder.is_run(path.parent):  # someone passed runs/NAME/model: use its run's records
             run = RunFolder.open(path.parent)
+        elif not has_tokenizer(path):
+            raise RunFolderError(f"{path}: model folder has no tokenizer (tokenizer_config.json); "
+                                 "an incomplete copy or export?")
     elif path.exists():
         raise RunFolderError(f"{path}: not a dpolab run, sweep or model folder")
     else:
         info["kind"] = "hub"
     if run is not None:
+        _check_finished(run)
         run_info = run.info()
         config = run.config() if run.config_path.exists() else {}
         summary = run.summary() if run.summary_path.exists() else {}
@@ -100,6 +106,63 @@ def describe(source: str) -> tuple[dict[str, Any], RunFolder | None, Path | None
             eval={k: summary.get("eval", {})[k] for k in EVAL_KEYS if k in summary.get("eval", {})},
             train=summary.get("train", {}), wall_time_s=summary.get("wall_time_s"))
     return info, run, sweep_dir
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return (model_dir / "tokenizer_config.json").is_file()
+
+
+def _check_finished(run: RunFolder) -> None:
+    """Refuse, before the server starts, a run that training did not finish writing (killed after
+    the weights but before the tokenizer or the summary): it would load, answer /healthz, then fail
+    every generation. The same checks as `dpolab export`."""
+    if not run.has_model():
+        raise RunFolderError(f"{run.path}: run has no final model yet (training unfinished?)")
+    if not has_tokenizer(run.model_dir):
+        raise RunFolderError(f"{run.model_dir}: model folder has no tokenizer (tokenizer_config.json); "
+                             "training unfinished?")
+    if not run.summary_path.is_file():
+        raise RunFolderError(f"{run.path}: run has no summary.json (training unfinished?)")
+
+
+def trained_beta(source: str, info: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The beta the model was trained with and where it was read: its run's config.yaml, else the
+    model card an export or Hub model carries (``dpolab export`` writes it into the metadata).
+    (None, None) when nothing says."""
+    if "beta" in info.get("hyperparameters", {}):
+        return float(info["hyperparameters"]["beta"]), "config.yaml"
+    if info.get("kind") == "export":
+        card: Path | None = Path(source) / "README.md"
+    elif info.get("kind") == "hub" and source not in _builtin_models():
+        card = _hub_card(source)
+    else:
+        card = None
+    if card is None or not card.is_file():
+        return None, None
+    from huggingface_hub import ModelCard
+
+    from dpolab.hub.card import BETA_METADATA
+
+    beta = ModelCard.load(card).data.to_dict().get(BETA_METADATA)
+    if isinstance(beta, int | float) and not isinstance(beta, bool) and beta > 0:
+        return float(beta), "model card"
+    return None, None
+
+
+def _builtin_models() -> dict[str, Any]:
+    from dpolab.model import BUILTIN_MODELS
+
+    return BUILTIN_MODELS
+
+
+def _hub_card(repo_id: str) -> Path | None:
+    """The Hub model's README.md (its card), from the local cache when the model came from there."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "README.md"))
+    except Exception:  # offline, no card, private: any failure only means "beta unknown"
+        return None
 
 
 def _model_name(source: str, info: dict[str, Any]) -> str:
@@ -141,13 +204,18 @@ def load_served_models(source: str, reference: str | None = None, precision: str
         if ref_id == policy.id:
             ref_id = f"{ref_id}-reference"
         ref = load_one(ref_id, str(reference_source), precision)
-    beta = float(info.get("hyperparameters", {}).get("beta", DEFAULT_BETA))
-    info.update(model=policy.id, reference=ref.id if ref else None, beta=beta, precision=precision,
-                compare=ref is not None, context_length=min(m.context_length for m in (policy, ref) if m))
+    beta, beta_source = trained_beta(source, info)
+    info.update(model=policy.id, reference=ref.id if ref else None, beta=beta, beta_source=beta_source,
+                precision=precision, compare=ref is not None,
+                context_length=min(m.context_length for m in (policy, ref) if m))
+    if beta is None and ref is not None:
+        info["beta_note"] = (f"beta unknown: this model's records do not say which beta it was trained with; "
+                             f"rewards use {DEFAULT_BETA}, TrainConfig's default")
     if ref is None:
         info["note"] = ("no reference model: the model has no run records naming its base model; "
                         "pass --reference BASE to enable compare mode and rewards")
-    return ServedModels(policy=policy, reference=ref, beta=beta, info=info, sweep_dir=sweep_dir)
+    return ServedModels(policy=policy, reference=ref, beta=DEFAULT_BETA if beta is None else beta,
+                        beta_known=beta is not None, info=info, sweep_dir=sweep_dir)
 
 
 def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
@@ -157,6 +225,10 @@ def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[
     from dpolab.dpo.logps import sequence_logps
 
     pad = loaded.tokenizer.pad_token_id or 0
+    # An answer that fills the context (prompt + max new tokens = context) is one position too long
+    # once EOS is appended, and re-tokenized text can be longer than the ids generated: score what
+    # fits, never index past the position embeddings (issue 12, W5).
+    answers = [a[: max(0, loaded.context_length - len(prompt_ids))] for a in answers]
     length = max(len(prompt_ids) + len(a) for a in answers)
     input_ids = torch.full((len(answers), length), pad, dtype=torch.long)  # (S, T)
     attention = torch.zeros_like(input_ids)  # (S, T)

@@ -1,8 +1,10 @@
 """OpenAI-compatible endpoints, so existing clients (the official ``openai`` package, LangChain,
 curl scripts) can talk to a dpolab model: /v1/models, /v1/completions, /v1/chat/completions.
 
-Only what a one-model CPU server can honour is accepted: ``n`` must be 1 (a clear 400 otherwise);
-unknown OpenAI fields (``user``, penalties...) are ignored as OpenAI-compatible servers
+Only what a one-model CPU server can honour is accepted: ``n`` must be 1, and ``logprobs``,
+``echo``, ``best_of``, penalties and the other features in UNSUPPORTED must be absent or at their
+no-op value (a 400 naming the field otherwise, as OpenAI answers unsupported values); fields that
+change nothing about the answer (``user``, ``metadata``...) are ignored as OpenAI-compatible servers
 commonly do. ``seed`` fixes the sampling; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
 """
 
@@ -22,6 +24,12 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 # OpenAI's own defaults, not the page's: a client that sends nothing gets what it would get there.
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "time_limit": "length"}
+# Features this server does not implement -> the values that ask for nothing (accepted).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "tools": (None, []), "functions": (None, []),
+}
 
 
 @bp.get("/models")
@@ -40,6 +48,13 @@ def _common(data: dict[str, Any], default_max_tokens: int) -> tuple[SamplingPara
     if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(f"n must be 1: this server generates one choice per request, got {n!r}", param="n",
                        code="unsupported_value")
+    for name, no_op in UNSUPPORTED.items():
+        value = data.get(name)
+        # `True == 1` in Python: a bool matches only a bool, so `"best_of": true` is not taken for 1
+        # (while `"presence_penalty": 0.0` still matches 0).
+        if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in no_op):
+            raise ApiError(f"{name} is not supported by this server (got {value!r}); leave it out",
+                           param=name, code="unsupported_value")
     merged = {**OPENAI_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
     if "max_tokens" not in merged and "max_completion_tokens" in merged:
         merged["max_tokens"] = merged["max_completion_tokens"]
@@ -89,12 +104,28 @@ def chat_completions() -> Any:
     data = json_body()
     params, role, stream, include_usage = _common(data, default_max_tokens=128)
     raw = data.get("messages")
-    if isinstance(raw, list):  # content may be a list of parts: keep the text parts
-        raw = [{**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
-               if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in raw]
+    if isinstance(raw, list):  # content may be a list of text parts: join them
+        raw = [{**m, "content": _text_parts(m["content"], f"messages[{i}].content")}
+               if isinstance(m, dict) and isinstance(m.get("content"), list) else m for i, m in enumerate(raw)]
     turns = messages({"messages": raw}, "messages")
     job, meta = jobs.chat_job(turns, params, "messages", (role,))
     return _respond(job, meta, stream, include_usage, chat=True)
+
+
+def _text_parts(parts: list[Any], param: str) -> str:
+    """OpenAI's ``[{"type": "text", "text": "..."}]`` content; other part types (images, audio) are
+    refused, not dropped: answering without them would answer a different question."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ApiError(f"{param}[{j}]: only text parts are supported, got {kind!r}", param=f"{param}[{j}]",
+                           code="unsupported_value")
+        if not isinstance(part.get("text"), str):
+            raise ApiError(f"{param}[{j}].text must be a string, got {type(part.get('text')).__name__}",
+                           param=f"{param}[{j}].text", code="invalid_type")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _respond(job: Job, meta: dict[str, Any], stream: bool, include_usage: bool, chat: bool) -> Any:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import threading
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from dpolab.serve.chat import ASSISTANT, dialogue, format_answer
+from dpolab.data import to_pair
+from dpolab.serve.chat import ASSISTANT, TURN_STOPS, dialogue, format_answer
+from dpolab.serve.validation import ApiError
 
 _lock = threading.Lock()
 
@@ -24,6 +29,56 @@ def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str) -> d
     return {"chosen": prompt + format_answer(chosen), "rejected": prompt + format_answer(rejected)}
 
 
+def check_pair(chosen: str, rejected: str, row: dict[str, Any]) -> None:
+    """Refuse (400 naming the field) a pair that ``dpolab train --dataset`` would drop, or learn
+    nothing from: the file must hold only rows the next round trains on."""
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        marker = next((m for m in TURN_STOPS if m in answer), None)
+        if marker is not None:  # the loader would split the dialogue inside the answer
+            raise ApiError(f"{name} holds the turn marker {marker!r}; an answer cannot contain a dialogue turn",
+                           param=name, code="invalid_value")
+    if chosen.strip() == rejected.strip():
+        raise ApiError("chosen and rejected are the same answer: such a pair teaches DPO nothing", param="rejected",
+                       code="invalid_value")
+    _, reason = to_pair(row)  # exactly the check the data loader makes
+    if reason is not None:
+        raise ApiError(f"the training data loader would drop this pair ({reason})", param="prompt",
+                       code="invalid_value")
+
+
+class GrowthLimit:
+    """Caps on the preferences file: bytes per row, rows per minute, and the file's total size, so
+    no client (a script, or a page that got around the Origin check) can fill the disk."""
+
+    def __init__(self, max_row_bytes: int, rows_per_minute: int, max_file_bytes: int) -> None:
+        self.max_row_bytes, self.rows_per_minute, self.max_file_bytes = max_row_bytes, rows_per_minute, max_file_bytes
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def admit(self, path: Path, data: bytes) -> None:
+        if len(data) > self.max_row_bytes:
+            raise ApiError(f"the preference row is {len(data)} bytes; at most {self.max_row_bytes} are kept",
+                           status=413, code="row_too_large")
+        size = path.stat().st_size if path.exists() else 0
+        if size + len(data) > self.max_file_bytes:
+            raise ApiError(f"{path.name} has reached its {self.max_file_bytes} byte cap; train on it and start "
+                           "a new file (--preferences)", status=507, code="file_full")
+        now = time.monotonic()
+        with self._lock:
+            while self._times and self._times[0] <= now - 60:
+                self._times.popleft()
+            if len(self._times) >= self.rows_per_minute:
+                retry = max(1, math.ceil(self._times[0] + 60 - now))
+                raise ApiError(f"at most {self.rows_per_minute} preferences a minute; retry in {retry} s",
+                               status=429, type_="rate_limit_error", code="rate_limited",
+                               headers={"Retry-After": str(retry)})
+            self._times.append(now)
+
+
+def encode_row(row: dict[str, Any]) -> bytes:
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode()
+
+
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one JSON line atomically.
 
@@ -31,7 +86,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     (threads of this server) and an exclusive ``flock`` (other processes appending to the same
     file), so concurrent clicks never interleave or tear lines.
     """
-    data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+    data = encode_row(row)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _lock:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

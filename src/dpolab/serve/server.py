@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask
 
 EXTRA_THREADS = 4
+SHUTDOWN_TIMEOUT_S = 10  # for responses to finish writing, then for the loop to end
 
 
 def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> Any:
@@ -54,14 +55,23 @@ class ServerThread:
         self._thread.join(timeout)
 
     def close(self) -> None:
+        """Stop in an order that never touches a closed descriptor.
+
+        1. Cancel every generation, so each response still being written ends at once.
+        2. Stop waitress's request threads once their current response is written. A request thread
+           tells the loop about new output by writing to the loop's wake-up pipe (``pull_trigger``);
+           a thread still running when step 3 closed that pipe got EBADF (the warning seen once in
+           ten test runs), or worse, wrote into whatever file had reused the descriptor number.
+        3. Close every socket from inside the loop thread (closing them from this thread while that
+           one sits in select() makes select fail with EBADF), open keep-alive connections included:
+           the loop only ends when its socket map is empty.
+        """
         self.app.extensions["dpolab.engine"].close()
-        # Close from inside waitress's own loop thread (closing its sockets from this thread while
-        # that one sits in select() makes select fail with EBADF), and close every channel, open
-        # keep-alive connections included: the loop only ends when its socket map is empty.
         from waitress import wasyncore
 
         if self._thread.is_alive():
+            self.server.task_dispatcher.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
             # OSError: the trigger is already closed, the loop is ending on its own.
             with contextlib.suppress(OSError):
                 self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=SHUTDOWN_TIMEOUT_S)

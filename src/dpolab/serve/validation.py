@@ -32,6 +32,9 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_DEPTH = 32  # JSON nesting a request may have; the deepest real one (chat content parts) is 4
+
+
 def json_body() -> dict[str, Any]:
     """The request's JSON object. Reading the body enforces MAX_CONTENT_LENGTH (413), whatever
     the Content-Type, so a client that forgets the header still gets a useful answer."""
@@ -44,9 +47,40 @@ def json_body() -> dict[str, Any]:
         data = json.loads(raw) if raw.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # json.loads recurses once per nesting level: 20,000 "[" fit in 64 KB
+        raise ApiError(f"request body is nested more than {MAX_DEPTH} levels deep", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError("request body must be a JSON object", code="invalid_json")
+    check_strings(data)
     return data
+
+
+def check_strings(data: Any) -> None:
+    """Refuse nesting past MAX_DEPTH and text that is not Unicode: JSON's ``"\\ud800"`` escape
+    decodes to a lone surrogate, which the tokenizer and the UTF-8 preferences file both reject.
+    Walked with a stack, not recursion, so the walk itself cannot overflow."""
+    stack: list[tuple[str, Any, int]] = [("", data, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(f"request body is nested more than {MAX_DEPTH} levels deep", param=path or None,
+                           code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path or key)
+                stack.append((f"{path}.{key}" if path else key, item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(value: str, param: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(f"{param}: not valid Unicode text (lone surrogate {value[exc.start]!r} at "
+                       f"character {exc.start})", param=param, code="invalid_text") from None
 
 
 def _number(data: dict[str, Any], name: str, default: float, low: float, high: float,
@@ -166,3 +200,12 @@ def messages(data: dict[str, Any], name: str = "messages") -> list[dict[str, str
                            param=f"{name}[{i}]", code="invalid_type")
         out.append({"role": item["role"], "content": item["content"]})
     return out
+
+
+def known_fields(data: dict[str, Any], allowed: set[str]) -> None:
+    """Our own API refuses fields it does not know (``n``, ``max_tokens``...) instead of ignoring
+    them: a silently dropped field is a setting the client believes it got."""
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(f"{unknown[0]}: unknown field; accepted fields are {', '.join(sorted(allowed))}",
+                       param=unknown[0], code="unknown_field")

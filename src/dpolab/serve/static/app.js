@@ -51,7 +51,9 @@ async function loadModel() {
   addRow(dl, "Base model", modelInfo.base_model);
   addRow(dl, "Reference", modelInfo.reference || "none");
   addRow(dl, "Dataset", modelInfo.dataset);
-  addRow(dl, "beta", modelInfo.beta);
+  // The beta the model was trained with scales its rewards; say so when its records do not tell.
+  addRow(dl, "beta", modelInfo.beta === null ? "unknown" : modelInfo.beta);
+  if (modelInfo.beta_note) addRow(dl, "Rewards", modelInfo.beta_note);
   const hp = modelInfo.hyperparameters || {};
   // The knobs that explain a DPO run at a glance; the rest is in the run's config.yaml.
   const shown = { loss_type: "Loss", learning_rate: "Learning rate", per_device_train_batch_size: "Batch size",
@@ -157,6 +159,7 @@ function finishCard(card, answer, compare) {
   card.querySelector(".model-id").textContent = answer.model;
   const reward = card.querySelector(".reward");
   reward.textContent = answer.reward === null ? "" : `reward ${answer.reward >= 0 ? "+" : ""}${answer.reward.toFixed(3)}`;
+  if (answer.reward !== null && modelInfo.beta === null) reward.textContent += " (beta unknown)";
   const labels = { stop: "", length: "max tokens reached", cancelled: "stopped", time_limit: "time limit" };
   card.querySelector(".finish").textContent = labels[answer.finish_reason] || answer.finish_reason;
   card.dataset.finish = answer.finish_reason;
