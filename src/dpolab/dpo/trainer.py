@@ -27,6 +27,7 @@ from dpolab.config import TrainConfig, save_config
 from dpolab.data import default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import preference_loss, preference_metrics
+from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
 from dpolab.dpo.reference import add_reference_logps
 from dpolab.errors import ConfigError
 from dpolab.model import (
@@ -230,6 +231,8 @@ def load_prepared(config: TrainConfig):
     model = load_model(config.model)
     disable_dropout(model)
     use_fused_gelu(model)
+    if uses_bf16_weights(device, dtype):
+        model.to(torch.bfloat16)  # the reference pass scores with the same bf16 weights the policy starts from
     datasets, report, data_key = prepare_data(config, tokenizer)
     # Under torchrun / accelerate launch each process scores the reference on its own GPU.
     model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device)
@@ -254,8 +257,10 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     run.write_data_report(report.to_dict())
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
+        args = training_arguments(config, run, device, dtype)
         return DPOEngine(
-            model=model, args=training_arguments(config, run, device, dtype),
+            model=model, args=args, optimizer_cls_and_kwargs=(
+                master_weight_optimizer(DPOEngine, args, model) if uses_bf16_weights(device, dtype) else None),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"],
             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
             callbacks=trainer_callbacks, dpo_config=config, system_sampler=sampler)
