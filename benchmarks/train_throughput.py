@@ -49,8 +49,9 @@ logger = logging.getLogger("train_throughput")
 
 VARIANTS = ["dpolab", "trl_default", "trl_tuned"]
 # Not run by default: dpolab with GPT-2's stock Python GELU, to show what the fused GELU buys, and
-# dpolab with --dtype bf16 on CPU as plain autocast over fp32 weights (what bf16 did before bf16 weights).
-EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast"]
+# dpolab with --dtype bf16 on CPU as plain autocast over fp32 weights (what bf16 did before bf16 weights),
+# and dpolab in fp32 whatever --dtype says (to compare precisions inside one alternating invocation).
+EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32"]
 DEFAULT_STEPS = {"tiny-gpt2": 6, "gpt2-124m-random": 4}
 DEFAULT_BATCH = {"tiny-gpt2": 4, "gpt2-124m-random": 2}
 
@@ -104,6 +105,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch, steps, warmup, device = args.batch, args.steps, args.warmup, args.device
+    if args.variant == "dpolab_fp32":
+        args.dtype = "fp32"
     cache = Path(tempfile.mkdtemp(prefix="dpolab-bench-cache-"))  # fresh: no reference cache hits, ours or TRL's
     config = TrainConfig(model=args.model, max_length=args.max_length, max_prompt_length=args.max_length // 2,
                          per_device_train_batch_size=batch, max_train_pairs=(steps + warmup) * batch,

@@ -57,7 +57,12 @@ class _AnswerTokenLogProbs(torch.autograd.Function):
             grad_logits = grad_logits.to(ctx.compute_dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)  # (n, H)
-            grad_weight.addmm_(grad_logits.T.float(), hidden_c.float())  # (V, H)
+            if ctx.compute_dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, hidden_c)  # (V, H), in place: no (V, H) temporary
+            else:
+                # bf16/fp16: the matmul units' fast path (products accumulated in fp32 inside the
+                # kernel, rounded once per chunk), summed over chunks in fp32.
+                grad_weight.add_(grad_logits.T @ hidden_c)  # (V, H)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
