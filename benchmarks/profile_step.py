@@ -52,7 +52,7 @@ def main() -> None:
         from dpolab.dpo.precision import MasterWeightAdamW
 
         model.to(torch.bfloat16)
-        optimizer = MasterWeightAdamW(model.parameters(), lr=5e-5)
+        optimizer = MasterWeightAdamW(model.parameters(), lr=5e-5, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16-autocast")
     collate = PreferenceCollator(tokenizer.pad_token_id)
     batches = [collate([pairs[i] for i in range(s * args.batch, (s + 1) * args.batch)]) for s in range(args.steps + 1)]
