@@ -43,6 +43,7 @@ from common import (
     run_worker,
     summarize,
     training_flops_per_token,
+    write_results,
 )
 
 logger = logging.getLogger("train_throughput")
@@ -271,7 +272,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         result["round"] = rnd
         runs.append(result)
         if args.partial:  # keep what is done if a long benchmark is stopped early
-            publish("train_throughput", {"partial": True, "machine": info, "runs": runs}, args.partial)
+            write_results("train_throughput", {"partial": True, "machine": info, "runs": runs}, args.partial)
         logger.info("%s %s round %d: %.3f pairs/s, %.0f tokens/s, peak %.0f MB", model, variant, rnd,
                     result["pairs_per_s"], result["tokens_per_s"], result["peak_rss_mb"])
     info["load_avg_after"] = machine_info()["load_avg_1_5_15"]
