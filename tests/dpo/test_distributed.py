@@ -36,7 +36,7 @@ train(load_config(sys.argv[1]), sys.argv[2])
 def _config(tmp_path: Path, batch: int) -> Path:
     values = dict(model="tiny-gpt2", max_train_pairs=32, max_eval_pairs=8, max_length=256, max_prompt_length=128,
                   per_device_train_batch_size=batch, max_steps=3, logging_steps=1, learning_rate=1e-3,
-                  group_by_length=False, seed=0, cache_dir=str(tmp_path / "cache"))
+                  group_by_length=False, seed=0, dtype="fp32", cache_dir=str(tmp_path / "cache"))
     path = tmp_path / f"batch{batch}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
