@@ -150,7 +150,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         result["reference_s"] = time.perf_counter() - start
         train_set = train_set.add_column("ref_chosen_logps", ref_chosen.tolist()).add_column(
             "ref_rejected_logps", ref_rejected.tolist())
-        training_args = TrainingArguments(**common_args, bf16=bf16)
+        training_args = TrainingArguments(**common_args, bf16=bf16 and not bf16_weights)  # as dpolab.dpo.trainer
         optimizer = master_weight_optimizer(DPOEngine, training_args, model) if bf16_weights else None
         trainer = DPOEngine(model=model, args=training_args, train_dataset=train_set, optimizer_cls_and_kwargs=optimizer,
                             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,

@@ -63,8 +63,11 @@ class DPOEngine(Trainer):
         self.tokens_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy_chosen_logps, policy_rejected_logps = concatenated_forward(
-            model, inputs, self.dpo_config.logps_chunk_size)  # (B,), (B,)
+        # accelerate autocasts only the model's own forward and hands back fp32 outputs: without
+        # this context the answer-only head (applied after the forward) would run in fp32.
+        with self.accelerator.autocast():
+            policy_chosen_logps, policy_rejected_logps = concatenated_forward(
+                model, inputs, self.dpo_config.logps_chunk_size)  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps,
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
@@ -257,7 +260,8 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     run.write_data_report(report.to_dict())
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
-        args = training_arguments(config, run, device, dtype)
+        # bf16 weights need no autocast on top (it would only convert the outputs back to fp32).
+        args = training_arguments(config, run, device, "fp32" if uses_bf16_weights(device, dtype) else dtype)
         return DPOEngine(
             model=model, args=args, optimizer_cls_and_kwargs=(
                 master_weight_optimizer(DPOEngine, args, model) if uses_bf16_weights(device, dtype) else None),
