@@ -11,7 +11,7 @@ from dpolab.model import choose_cpu_dtype, matmul_probe
 from tests.dpo.golden import GOLDEN_PATH, golden_losses
 
 # bf16 keeps 8 mantissa bits: the forward pass differs from fp32 by ~0.4% per activation. Over the
-# 5 golden steps the loss moved by at most 4e-4 from fp32's (measured); 2e-3 leaves room for other
+# 5 golden steps the loss moved by at most 5e-4 from fp32's (measured); 2e-3 leaves room for other
 # CPUs' kernels, and is still 10x below the step-to-step changes (>= 1e-2) the test must not hide.
 BF16_LOSS_TOLERANCE = 2e-3
 
