@@ -15,6 +15,11 @@ subprocess with its own time limit, whose output goes to the console and to ``gp
 3. ``train``: ``dpolab train`` on the bundled sample (GPT-2 124M architecture, bf16): summary.json,
    and GPU power / energy / utilisation from its system.jsonl.
 4. ``sweep``: ``dpolab sweep`` (grid of 2 tiny-gpt2 trials) on CUDA, with its report (not with --quick).
+5. ``fsdp``: the Trainer + FSDP2 path (what ``accelerate launch --use_fsdp`` sets up: the
+   ``ACCELERATE_USE_FSDP``/``FSDP_*`` variables) under ``torchrun`` on one GPU, against the same run
+   without FSDP (``fsdp_reference``): the wrapping is checked and the first 3 losses must agree to 1e-4
+   (fp32). Accelerate enables FSDP only on GPUs, so this is where it runs (tests/dpo/test_distributed.py
+   checks the sharded head itself on CPU).
 
 Results: ``gpu_check.json`` (every stage: status, seconds, figures), ``gpu_check.md`` (the tables for
 BENCHMARKS.md), ``gpu_check.log``, the two benchmark JSONs, and the run/sweep records without their
@@ -87,7 +92,7 @@ class Stages:
             "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "DPOLAB_CACHE": str(work_dir / "cache")}
 
-    def run(self, name: str, cmd: list[str], timeout_s: float, collect) -> None:
+    def run(self, name: str, cmd: list[str], timeout_s: float, collect, extra_env: dict[str, str] | None = None) -> None:
         """Run ``cmd``; on success ``collect()`` returns the stage's figures."""
         timeout_s *= self.slack
         logger.info("stage %s: %s", name, " ".join(cmd))
@@ -96,7 +101,7 @@ class Stages:
         with self.log_path.open("a") as log:
             log.write(f"\n===== stage {name}: {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, cwd=self.work_dir, env=self.env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmd, cwd=self.work_dir, env={**self.env, **(extra_env or {})}, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
             try:
                 rc = _stream(proc, log, deadline=start + timeout_s)
@@ -251,14 +256,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=["dpolab", "trl_default", "trl_tuned"])
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps of the dpolab train stage")
     parser.add_argument("--gen-tokens", type=int, default=128, help="new tokens per generation measurement")
-    parser.add_argument("--stages", nargs="+", default=["throughput", "generation", "train", "sweep"],
-                        choices=["throughput", "generation", "train", "sweep"])
+    parser.add_argument("--stages", nargs="+", default=None, choices=STAGES,
+                        help="default: all; on --device cpu all but fsdp (accelerate enables FSDP on GPUs only)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke sizes (1-2 steps, short generations, tiny sweep); use with --device cpu")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="results folder (default: $OUT, else benchmarks/results/gpu)")
     parser.add_argument("--work-dir", type=Path, default=None, help="run folders and caches (default: a temp dir)")
+    parser.add_argument("--fsdp-worker", nargs=2, metavar=("CONFIG", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.stages is None:
+        args.stages = STAGES if args.device == "cuda" else [s for s in STAGES if s != "fsdp"]
     if args.out_dir is None:
         args.out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else BENCHMARKS / "results" / "gpu"
     return args
@@ -266,6 +274,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fsdp_worker:
+        return fsdp_worker(*args.fsdp_worker)
     if args.device == "cuda":
         require_cuda()
     out_dir = args.out_dir.resolve()
@@ -317,6 +327,17 @@ def main(argv: list[str] | None = None) -> int:
                              str(sweep_dir), *([] if quick else ["--report"])], timeout_s=100,
                    collect=lambda: collect_sweep(sweep_dir, out_dir / "sweep"))
 
+    if "fsdp" in args.stages:
+        config = fsdp_yaml(work_dir / "fsdp.yaml", args.device)
+        plain, sharded = work_dir / "fsdp-reference", work_dir / "fsdp"
+        for folder in (plain, sharded):
+            shutil.rmtree(folder, ignore_errors=True)
+        stages.run("fsdp_reference", [python, __file__, "--fsdp-worker", str(config), str(plain)], timeout_s=60,
+                   collect=lambda: {"wrapping": json.loads((plain / "wrapping.json").read_text())})
+        stages.run("fsdp", [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                            __file__, "--fsdp-worker", str(config), str(sharded)], timeout_s=90,
+                   extra_env=FSDP_ENV, collect=lambda: compare_fsdp(plain, sharded))
+
     report = {"check": "gpu_check", "command": " ".join(sys.argv), "environment": env,
               "total_seconds": round(time.monotonic() - start, 1), "stages": stages.results}
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -327,6 +348,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.work_dir is None:
         shutil.rmtree(work_dir, ignore_errors=True)
     return 1 if failed else 0
+
+
+STAGES = ["throughput", "generation", "train", "sweep", "fsdp"]
+# What `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP` exports.
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_TRANSFORMER_CLS_TO_WRAP": "GPT2Block", "FSDP_RESHARD_AFTER_FORWARD": "true",
+            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+
+
+def fsdp_yaml(path: Path, device: str) -> Path:
+    import yaml
+
+    config = {"model": "tiny-gpt2", "max_train_pairs": 32, "max_eval_pairs": 8, "max_length": 256,
+              "max_prompt_length": 128, "per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1,
+              "learning_rate": 1e-3, "group_by_length": False, "seed": 0, "device": device, "dtype": "fp32"}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fsdp_worker(config_path: str, run_dir: str) -> int:
+    """`dpolab train` with a callback recording how Trainer wrapped the model (FSDP2 or not)."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import TrainerCallback
+
+    from dpolab.config import load_config
+    from dpolab.dpo.trainer import train
+
+    class RecordWrapping(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1 and state.is_world_process_zero:
+                units = sum(isinstance(m, FSDPModule) for m in model.modules())
+                (Path(run_dir) / "wrapping.json").write_text(json.dumps(
+                    {"model_class": type(model).__name__, "fsdp2_units": units}))
+
+    logging.basicConfig(level=logging.INFO)
+    train(load_config(config_path), run_dir, callbacks=[RecordWrapping()])
+    return 0
+
+
+def compare_fsdp(plain: Path, sharded: Path) -> dict[str, Any]:
+    from dpolab.runs import RunFolder
+
+    wrapping = json.loads((sharded / "wrapping.json").read_text())
+    if not wrapping["fsdp2_units"]:
+        raise RuntimeError(f"Trainer did not wrap the model with FSDP2: {wrapping}")
+    a = [r["loss"] for r in RunFolder.open(plain).metrics("train")][:3]
+    b = [r["loss"] for r in RunFolder.open(sharded).metrics("train")][:3]
+    diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
+    if len(a) < 3 or diff >= 1e-4:
+        raise RuntimeError(f"FSDP losses differ from the plain run: {a} vs {b}")
+    return {"wrapping": wrapping, "losses_plain": a, "losses_fsdp": b, "max_abs_diff": diff,
+            "eval_loss_fsdp": RunFolder.open(sharded).summary()["eval"]["loss"]}
 
 
 def _benchmark_figures(path: Path, name: str) -> dict[str, Any]:

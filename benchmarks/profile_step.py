@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--python-gelu", action="store_true", help="keep GPT-2's stock Python GELU")
     parser.add_argument("--shapes", action="store_true", help="also group by input shapes")
+    parser.add_argument("--dtype", choices=["fp32", "bf16-autocast", "bf16"], default="fp32",
+                        help="bf16-autocast: fp32 weights under CPU autocast (Trainer's bf16=True); "
+                        "bf16: bf16 weights, fp32 master copy in the optimizer (dpolab's CPU bf16)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
@@ -45,11 +48,18 @@ def main() -> None:
     if not args.python_gelu:
         use_fused_gelu(model)  # as the dpolab engine does
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)  # Trainer's default on torch >= 2.8
+    if args.dtype == "bf16":
+        from dpolab.dpo.precision import MasterWeightAdamW
+
+        model.to(torch.bfloat16)
+        optimizer = MasterWeightAdamW(model.parameters(), lr=5e-5, fused=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16-autocast")
     collate = PreferenceCollator(tokenizer.pad_token_id)
     batches = [collate([pairs[i] for i in range(s * args.batch, (s + 1) * args.batch)]) for s in range(args.steps + 1)]
 
     def step(batch) -> None:
-        chosen, rejected = concatenated_forward(model, batch)  # (B,), (B,)
+        with autocast:
+            chosen, rejected = concatenated_forward(model, batch)  # (B,), (B,)
         losses, _, _ = preference_loss(chosen, rejected, chosen.detach() - 1, rejected.detach() + 1, beta=0.1)
         losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -62,8 +72,8 @@ def main() -> None:
             step(batch)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
     answer = sum(int(b["answer_mask"].sum()) for b in batches[1:])
-    print(f"model {args.model}, {args.steps} steps of {args.batch} pairs, {tokens} tokens ({answer} answer tokens), "
-          f"threads {torch.get_num_threads()}")
+    print(f"model {args.model}, {args.dtype}, {args.steps} steps of {args.batch} pairs, {tokens} tokens "
+          f"({answer} answer tokens), threads {torch.get_num_threads()}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.shapes:
         events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)

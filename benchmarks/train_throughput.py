@@ -43,13 +43,16 @@ from common import (
     run_worker,
     summarize,
     training_flops_per_token,
+    write_results,
 )
 
 logger = logging.getLogger("train_throughput")
 
 VARIANTS = ["dpolab", "trl_default", "trl_tuned"]
-# Not run by default: dpolab with GPT-2's stock Python GELU, to show what the fused GELU buys.
-EXTRA_VARIANTS = ["dpolab_python_gelu"]
+# Not run by default: dpolab with GPT-2's stock Python GELU, to show what the fused GELU buys, and
+# dpolab with --dtype bf16 on CPU as plain autocast over fp32 weights (what bf16 did before bf16 weights),
+# and dpolab in fp32 whatever --dtype says (to compare precisions inside one alternating invocation).
+EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32"]
 DEFAULT_STEPS = {"tiny-gpt2": 6, "gpt2-124m-random": 4}
 DEFAULT_BATCH = {"tiny-gpt2": 4, "gpt2-124m-random": 2}
 
@@ -103,6 +106,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch, steps, warmup, device = args.batch, args.steps, args.warmup, args.device
+    if args.variant == "dpolab_fp32":
+        args.dtype = "fp32"
     cache = Path(tempfile.mkdtemp(prefix="dpolab-bench-cache-"))  # fresh: no reference cache hits, ours or TRL's
     config = TrainConfig(model=args.model, max_length=args.max_length, max_prompt_length=args.max_length // 2,
                          per_device_train_batch_size=batch, max_train_pairs=(steps + warmup) * batch,
@@ -125,13 +130,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                               "device": device, "dtype": args.dtype,
                               "flops_per_token": _flops_per_token(model, train_set)}
     if args.variant.startswith("dpolab"):
-        if args.variant == "dpolab":
-            use_fused_gelu(model)  # as dpolab.dpo.trainer.load_prepared does
         from transformers import TrainingArguments
 
         from dpolab.dpo.logps import PreferenceCollator
+        from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
         from dpolab.dpo.reference import score_pairs
         from dpolab.dpo.trainer import DpolabTrainer
+
+        if args.variant != "dpolab_python_gelu":
+            use_fused_gelu(model)  # as dpolab.dpo.trainer.load_prepared does
+        bf16_weights = uses_bf16_weights(device, args.dtype) and args.variant != "dpolab_autocast"
+        if bf16_weights:
+            model.to(torch.bfloat16)  # as load_prepared does; fp32 master copy in the optimizer
+        result["bf16_weights"] = bf16_weights
 
         start = time.perf_counter()
         ref_chosen, ref_rejected = score_pairs(
@@ -139,7 +150,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         result["reference_s"] = time.perf_counter() - start
         train_set = train_set.add_column("ref_chosen_logps", ref_chosen.tolist()).add_column(
             "ref_rejected_logps", ref_rejected.tolist())
-        trainer = DpolabTrainer(model=model, args=TrainingArguments(**common_args, bf16=bf16), train_dataset=train_set,
+        training_args = TrainingArguments(**common_args, bf16=bf16 and not bf16_weights)  # as dpolab.dpo.trainer
+        optimizer = master_weight_optimizer(DpolabTrainer, training_args, model) if bf16_weights else None
+        trainer = DpolabTrainer(model=model, args=training_args, train_dataset=train_set, optimizer_cls_and_kwargs=optimizer,
                             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                             callbacks=[timer.callback], dpo_config=config)
     else:
@@ -259,7 +272,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         result["round"] = rnd
         runs.append(result)
         if args.partial:  # keep what is done if a long benchmark is stopped early
-            publish("train_throughput", {"partial": True, "machine": info, "runs": runs}, args.partial)
+            write_results("train_throughput", {"partial": True, "machine": info, "runs": runs}, args.partial)
         logger.info("%s %s round %d: %.3f pairs/s, %.0f tokens/s, peak %.0f MB", model, variant, rnd,
                     result["pairs_per_s"], result["tokens_per_s"], result["peak_rss_mb"])
     info["load_avg_after"] = machine_info()["load_avg_1_5_15"]
@@ -329,7 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="dpolab and TRL tuned: bf16 = Trainer's bf16 (autocast); TRL defaults keep bf16=True")
+                        help="bf16: dpolab on CPU trains bf16 weights (fp32 master copy), on GPU autocast; TRL "
+                        "tuned: Trainer's bf16 (autocast); TRL defaults keep DPOConfig's bf16=True")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--partial", type=Path, default=None, help="rewrite this JSON after every run")
     # worker mode (one run; used by the orchestrator)

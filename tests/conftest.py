@@ -25,7 +25,8 @@ def tiny_config(**overrides) -> TrainConfig:
     """A run that takes seconds: tiny GPT-2, 64 real training pairs, 32 held out."""
     values = dict(model="tiny-gpt2", dataset="hh-rlhf-sample", max_train_pairs=64, max_eval_pairs=32,
                   per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=8,
-                  logging_steps=1, learning_rate=1e-3, seed=0)
+                  logging_steps=1, learning_rate=1e-3, seed=0,
+                  dtype="fp32")  # exact comparisons: on an AMX CPU `auto` would pick bf16
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -104,3 +104,26 @@ def test_mfu_inputs():
     # GPT-2 124M: 85.0M non-embedding + 38.6M head weights; T = 300 tokens.
     flops = training_flops_per_token(n_layer=12, n_embd=768, matmul_params=123_633_408, mean_seq_len=300)
     assert flops == 6 * 123_633_408 + 12 * 12 * 768 * 300
+
+
+def test_gpu_check_fsdp_comparison(tmp_path):
+    """The FSDP stage's verdict: it passes only when Trainer really wrapped the model and the losses agree."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from gpu_check import compare_fsdp
+
+    from dpolab.runs import RunFolder
+
+    def run(name: str, losses: list[float], units: int) -> Path:
+        folder = RunFolder.create(tmp_path / name, {"engine": "dpolab"})
+        for step, loss in enumerate(losses, 1):
+            folder.append_metrics({"split": "train", "step": step, "loss": loss})
+        folder.write_summary({"eval": {"loss": 0.69}})
+        (folder.path / "wrapping.json").write_text(json.dumps({"model_class": "X", "fsdp2_units": units}))
+        return folder.path
+
+    plain = run("plain", [0.6931, 0.6900, 0.6800], 0)
+    assert compare_fsdp(plain, run("fsdp", [0.6931, 0.69001, 0.68002], 3))["max_abs_diff"] < 1e-4
+    with pytest.raises(RuntimeError, match="did not wrap"):
+        compare_fsdp(plain, run("not-wrapped", [0.6931, 0.6900, 0.6800], 0))
+    with pytest.raises(RuntimeError, match="differ"):
+        compare_fsdp(plain, run("diverged", [0.6931, 0.6950, 0.6800], 3))

@@ -98,7 +98,9 @@ class TrainConfig:
         "(str, 'dpolab'): 'dpolab' (fast engine) or 'trl' (TRL's DPOTrainer on the same data)."))
     device: str = field(default="auto", metadata=_doc("(str, 'auto'): 'auto', 'cuda', 'mps' or 'cpu'."))
     dtype: str = field(default="auto", metadata=_doc(
-        "(str, 'auto'): 'auto' (bf16 where supported, else fp32), 'bf16', 'fp16' or 'fp32'."))
+        "(str, 'auto'): 'auto' (bf16 on a bf16 GPU, or on a CPU with AMX/AVX-512 BF16 where a short matmul "
+        "probe finds bf16 faster; else fp32), 'bf16', 'fp16' or 'fp32'. CPU bf16 trains bf16 weights with "
+        "an fp32 master copy in the optimizer; GPU bf16 is autocast over fp32 weights."))
     num_threads: int | None = field(default=None, metadata=_doc(
         "(int | None, None): CPU threads for torch; None keeps torch's default."))
     logps_chunk_size: int = field(default=128, metadata=_doc(

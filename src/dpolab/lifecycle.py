@@ -229,8 +229,9 @@ def fit(run: RunFolder, config: TrainConfig, make_trainer: MakeTrainer, *, token
             trainer.evaluate()
             eval_rows = run.metrics("eval")
 
+    # Every rank: under FSDP gathering the full state dict is a collective (Trainer writes on rank 0 only).
+    trainer.save_model(str(run.model_dir))
     if trainer.is_world_process_zero():
-        trainer.save_model(str(run.model_dir))
         tokenizer.save_pretrained(str(run.model_dir))
         write_summary(run, trainer, eval_rows[-1], wall_time, datasets, summary_extra or {})
     trainer.accelerator.wait_for_everyone()

@@ -17,7 +17,7 @@ from dpolab.config import TrainConfig
 GOLDEN_PATH = Path(__file__).with_name("golden_losses.json")
 GOLDEN_CONFIG = dict(model="tiny-gpt2", dataset="hh-rlhf-sample", max_train_pairs=64, max_eval_pairs=16,
                      per_device_train_batch_size=4, max_steps=5, logging_steps=1, learning_rate=1e-3,
-                     seed=0, beta=0.1, loss_type="sigmoid")
+                     seed=0, beta=0.1, loss_type="sigmoid", dtype="fp32")  # fp32 on every CPU (auto may pick bf16)
 
 
 def golden_losses(output_dir: Path, **overrides) -> list[float]:

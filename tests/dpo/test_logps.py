@@ -59,3 +59,24 @@ def test_concatenated_forward_matches_full_logits_path():
     assert torch.allclose(chosen, expected_chosen, atol=1e-3)
     assert torch.allclose(rejected, expected_rejected, atol=1e-3)
     assert torch.allclose(got_grad, model.transformer.wte.weight.grad, atol=1e-5)
+
+
+def test_bf16_head_accumulates_in_fp32():
+    """bf16 hidden states and weight (CPU bf16 training): the matmuls run in bf16, the log-softmax and
+    the weight gradient's sum over chunks in fp32, so values and gradients stay within bf16 rounding
+    of the fp32 computation."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64)
+    weight = torch.randn(500, 64) * 0.1
+    targets = torch.randint(0, 500, (300,))
+    upstream = torch.randn(300)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h = hidden.to(dtype).requires_grad_(True)
+        w = weight.to(dtype).requires_grad_(True)
+        logps = answer_token_logps(h, w, targets, chunk_size=64)
+        grads = torch.autograd.grad((logps * upstream).sum(), (h, w))
+        assert logps.dtype == torch.float32 and grads[1].dtype == dtype
+        results[dtype] = (logps, *(g.float() for g in grads))
+    for exact, rounded in zip(results[torch.float32], results[torch.bfloat16], strict=True):
+        assert (rounded - exact).norm() / exact.norm() < 1e-2  # bf16 keeps ~3 significant digits

@@ -10,6 +10,8 @@ extra memory is (chunk_size, V) instead of (B, T, V).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +57,12 @@ class _AnswerTokenLogProbs(torch.autograd.Function):
             grad_logits = grad_logits.to(ctx.compute_dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)  # (n, H)
-            grad_weight.addmm_(grad_logits.T.float(), hidden_c.float())  # (V, H)
+            if ctx.compute_dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, hidden_c)  # (V, H), in place: no (V, H) temporary
+            else:
+                # bf16/fp16: the matmul units' fast path (products accumulated in fp32 inside the
+                # kernel, rounded once per chunk), summed over chunks in fp32.
+                grad_weight.add_(grad_logits.T @ hidden_c)  # (V, H)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
@@ -109,8 +116,8 @@ def sequence_logps(
     rows = target_mask.nonzero(as_tuple=True)[0]  # (N,) which sequence each answer token is in
     answer_hidden = hidden[:, :-1][target_mask]  # (N, H)
     targets = input_ids[:, 1:][target_mask]  # (N,)
-    lm_head = output_weight(model)  # (V, H)
-    token_logps = answer_token_logps(answer_hidden, lm_head, targets, chunk_size)  # (N,)
+    with gathered_output_weight(model) as lm_head:  # (V, H)
+        token_logps = answer_token_logps(answer_hidden, lm_head, targets, chunk_size)  # (N,)
     return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(
         0, rows, token_logps)
 
@@ -134,6 +141,51 @@ def answer_lengths(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Answer tokens per pair, ``{"chosen_lengths": (B,), "rejected_lengths": (B,)}`` (IPO needs them)."""
     chosen_lengths, rejected_lengths = batch["answer_mask"].sum(1).float().chunk(2)
     return {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+
+
+@contextmanager
+def gathered_output_weight(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The LM head's full (V, H) weight for use *after* the model's forward, sharded or not.
+
+    We apply the head ourselves, outside the model's forward. Unsharded (one process, DDP) that is
+    a plain read. Under FSDP2 (``fully_shard``, what ``accelerate``/Trainer use) the weight is
+    whole only between its unit's pre- and post-forward hooks: when the head shares the root unit
+    (GPT-2's tied embedding, accelerate's transformer-layer wrapping) FSDP2 never reshards the root
+    after forward, so it is still whole here; when the head is its own unit (or its unit resharded)
+    it is a sharded ``DTensor`` and we all-gather it the way FSDP2 expects, with the unit's own
+    ``unshard()``. The gradient then lands on the unsharded parameter, and FSDP2's end-of-backward
+    callback reduce-scatters it (it runs post-backward for units whose forward output got no
+    gradient). Without autograd (reference pass, eval) we reshard again at once.
+    """
+    weight = output_weight(model)
+    if not _is_sharded(weight):
+        yield weight
+        return
+    owner = _fsdp_owner(model)
+    owner.unshard()
+    try:
+        yield output_weight(model)
+    finally:
+        if not torch.is_grad_enabled():
+            owner.reshard()
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
+
+
+def _fsdp_owner(model: torch.nn.Module) -> Any:
+    """The FSDP2 unit holding the head's weight: the head itself if it was wrapped alone, else the root."""
+    from torch.distributed.fsdp import FSDPModule
+
+    head = _unwrap(model).get_output_embeddings()
+    for candidate in (head, _unwrap(model)):
+        if isinstance(candidate, FSDPModule):
+            return candidate
+    raise RuntimeError("the LM-head weight is a sharded DTensor but no FSDP2 unit owns it; "
+                       "wrap the model with torch.distributed.fsdp.fully_shard")
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:

@@ -25,6 +25,7 @@ from dpolab.config import TrainConfig
 from dpolab.data import DataReport, default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import preference_loss, preference_metrics
+from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
 from dpolab.dpo.reference import add_reference_logps
 from dpolab.dpo.trl_engine import train_trl
 from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_arguments
@@ -54,8 +55,11 @@ class DpolabTrainer(Trainer):
         self.tokens_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy_chosen_logps, policy_rejected_logps = concatenated_forward(
-            model, inputs, self.dpo_config.logps_chunk_size)  # (B,), (B,)
+        # accelerate autocasts only the model's own forward and hands back fp32 outputs: without
+        # this context the answer-only head (applied after the forward) would run in fp32.
+        with self.accelerator.autocast():
+            policy_chosen_logps, policy_rejected_logps = concatenated_forward(
+                model, inputs, self.dpo_config.logps_chunk_size)  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps,
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
@@ -117,6 +121,8 @@ def load_prepared(config: TrainConfig) -> Prepared:
     model = load_model(config.model)
     disable_dropout(model)
     use_fused_gelu(model)
+    if uses_bf16_weights(device, dtype):
+        model.to(torch.bfloat16)  # the reference pass scores with the same bf16 weights the policy starts from
     datasets, report, data_key = prepare_data(config, tokenizer)
     # Under torchrun / accelerate launch each process scores the reference on its own GPU.
     model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device)
@@ -138,8 +144,12 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     run.write_data_report(prepared.data_report.to_dict())
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
+        # bf16 weights need no autocast on top (it would only convert the outputs back to fp32).
+        bf16_weights = uses_bf16_weights(prepared.device, prepared.dtype)
+        args = training_arguments(config, run, prepared.device, "fp32" if bf16_weights else prepared.dtype)
         return DpolabTrainer(
-            model=prepared.model, args=training_arguments(config, run, prepared.device, prepared.dtype),
+            model=prepared.model, args=args, optimizer_cls_and_kwargs=(
+                master_weight_optimizer(DpolabTrainer, args, prepared.model) if bf16_weights else None),
             train_dataset=prepared.datasets["train"], eval_dataset=prepared.datasets["eval"],
             data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id), processing_class=prepared.tokenizer,
             callbacks=trainer_callbacks, dpo_config=config, system_sampler=sampler)
