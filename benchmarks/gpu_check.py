@@ -240,6 +240,10 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{s['eval'].get('loss', float('nan')):.4f} | {train.get('gpu_power_w_mean', '-')} "
                   f"({train.get('gpu_power_w_max', '-')}) | {train.get('gpu_energy_j', '-')} | "
                   f"{train.get('gpu_energy_j_per_pair', '-')} | {train.get('gpu_util_percent_mean', '-')} |"]
+    fsdp = report["stages"].get("fsdp", {})
+    if fsdp.get("status") == "ok":
+        lines += ["", f"**FSDP2** ({fsdp['wrapping']['fsdp2_units']} FSDP2 units): first 3 losses "
+                  f"{fsdp['losses_fsdp']} vs {fsdp['losses_plain']} without FSDP, max diff {fsdp['max_abs_diff']:.1e}"]
     return "\n".join(lines) + "\n"
 
 
