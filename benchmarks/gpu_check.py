@@ -85,7 +85,8 @@ class Stages:
 
     def __init__(self, out_dir: Path, work_dir: Path, log_path: Path, slack: float = 1) -> None:
         self.out_dir, self.work_dir, self.log_path = out_dir, work_dir, log_path
-        self.slack = slack  # time limits are sized for a GPU; a (shared) CPU gets this factor more
+        self.slack = slack  # time limits are sized for a GPU (sum 530 s); a (shared) CPU gets this factor more
+        self.on_stage_done = None
         self.results: dict[str, Any] = {}
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(SRC), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]),
@@ -122,6 +123,8 @@ class Stages:
         logger.info("stage %s: %s in %.0f s%s", name, entry["status"], entry["seconds"],
                     f" ({entry['error']})" if "error" in entry else "")
         self.results[name] = entry
+        if self.on_stage_done:
+            self.on_stage_done()  # results so far on disk: a run cut short by its caller keeps them
 
 
 def _stream(proc: subprocess.Popen, log, deadline: float) -> int | None:
@@ -240,6 +243,10 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{s['eval'].get('loss', float('nan')):.4f} | {train.get('gpu_power_w_mean', '-')} "
                   f"({train.get('gpu_power_w_max', '-')}) | {train.get('gpu_energy_j', '-')} | "
                   f"{train.get('gpu_energy_j_per_pair', '-')} | {train.get('gpu_util_percent_mean', '-')} |"]
+    fsdp = report["stages"].get("fsdp", {})
+    if fsdp.get("status") == "ok":
+        lines += ["", f"**FSDP2** ({fsdp['wrapping']['fsdp2_units']} FSDP2 units): first 3 losses "
+                  f"{fsdp['losses_fsdp']} vs {fsdp['losses_plain']} without FSDP, max diff {fsdp['max_abs_diff']:.1e}"]
     return "\n".join(lines) + "\n"
 
 
@@ -292,13 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     python, quick = sys.executable, args.quick
     start = time.monotonic()
 
+    def write_report() -> dict[str, Any]:
+        report = {"check": "gpu_check", "command": " ".join(sys.argv), "environment": env,
+                  "total_seconds": round(time.monotonic() - start, 1), "stages": stages.results}
+        (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (out_dir / "gpu_check.md").write_text(markdown(report))
+        return report
+
+    stages.on_stage_done = write_report
+
     if "throughput" in args.stages:
         out = out_dir / "train_throughput.json"
         stages.run("throughput", [
             python, str(BENCHMARKS / "train_throughput.py"), "--models", args.model, "--variants", *args.variants,
             "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
             "--max-length", str(args.max_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats), "--out", str(out)], timeout_s=220,
+            "--repeats", str(args.repeats), "--out", str(out)], timeout_s=190,
             collect=lambda: _benchmark_figures(out, "train_throughput"))
     if "generation" in args.stages:
         out = out_dir / "generate_latency.json"
@@ -307,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             "--dtype", "fp32", "bf16", "--repeats", "1" if quick else "3", "--new-tokens", str(args.gen_tokens),
             "--prompt-tokens", "16" if quick else "256", "--quality-pairs", "1" if quick else "4",
             "--agree-prompts", "1" if quick else "4", "--agree-tokens", "3" if quick else "32",
-            "--out", str(out)], timeout_s=90, collect=lambda: _benchmark_figures(out, "generate_latency"))
+            "--out", str(out)], timeout_s=70, collect=lambda: _benchmark_figures(out, "generate_latency"))
     if "train" in args.stages:
         run_dir = work_dir / "train"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -317,14 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             str(args.max_length // 2), "--per-device-train-batch-size", str(args.batch),
             "--max-train-pairs", str(args.batch * args.train_steps), "--max-eval-pairs", str(2 * args.batch),
             "--max-steps", str(args.train_steps), "--logging-steps", str(max(1, args.train_steps // 4)),
-            "--save-steps", str(args.train_steps), "--output-dir", str(run_dir)], timeout_s=120,
+            "--save-steps", str(args.train_steps), "--output-dir", str(run_dir)], timeout_s=100,
             collect=lambda: collect_train(run_dir, out_dir / "train", args.device))
     if "sweep" in args.stages:
         sweep_dir = work_dir / "sweep"
         shutil.rmtree(sweep_dir, ignore_errors=True)
         config = sweep_yaml(work_dir / "sweep-gpu-check.yaml", args.device, args.dtype, quick)
         stages.run("sweep", [python, "-m", "dpolab.cli", "sweep", "--config", str(config), "--output-dir",
-                             str(sweep_dir), *([] if quick else ["--report"])], timeout_s=100,
+                             str(sweep_dir), *([] if quick else ["--report"])], timeout_s=70,
                    collect=lambda: collect_sweep(sweep_dir, out_dir / "sweep"))
 
     if "fsdp" in args.stages:
@@ -332,16 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         plain, sharded = work_dir / "fsdp-reference", work_dir / "fsdp"
         for folder in (plain, sharded):
             shutil.rmtree(folder, ignore_errors=True)
-        stages.run("fsdp_reference", [python, __file__, "--fsdp-worker", str(config), str(plain)], timeout_s=60,
+        stages.run("fsdp_reference", [python, __file__, "--fsdp-worker", str(config), str(plain)], timeout_s=40,
                    collect=lambda: {"wrapping": json.loads((plain / "wrapping.json").read_text())})
         stages.run("fsdp", [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                            __file__, "--fsdp-worker", str(config), str(sharded)], timeout_s=90,
+                            __file__, "--fsdp-worker", str(config), str(sharded)], timeout_s=60,
                    extra_env=FSDP_ENV, collect=lambda: compare_fsdp(plain, sharded))
 
-    report = {"check": "gpu_check", "command": " ".join(sys.argv), "environment": env,
-              "total_seconds": round(time.monotonic() - start, 1), "stages": stages.results}
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / "gpu_check.md").write_text(markdown(report))
+    report = write_report()
     failed = [name for name, s in stages.results.items() if s["status"] != "ok"]
     logger.info("done in %.0f s; results in %s%s", report["total_seconds"], out_dir,
                 f"; FAILED: {', '.join(failed)}" if failed else "")
