@@ -141,3 +141,10 @@ def adapt(row: dict[str, Any], fmt: str, chat: bool) -> tuple[dict[str, Any] | N
     if not any(m["role"] == "user" for m in prompt):
         return None, "no_user_turn"
     return {**EMPTY, "messages": prompt, "chosen": chosen_ans, "rejected": rejected_ans}, None
+
+
+def to_pair(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """One HH-RLHF row as a text pair ``{prompt, chosen, rejected}`` or its drop reason (what
+    ``dpolab train`` makes of a row that ``dpolab serve``'s preference capture wrote)."""
+    pair, reason = adapt(row, "hh", chat=False)
+    return (None, reason) if pair is None else ({k: pair[k] for k in ("prompt", "chosen", "rejected")}, None)

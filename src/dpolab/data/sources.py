@@ -194,3 +194,8 @@ def load_splits(name: str, source_kind: str, config: Any, cache_dir: str) -> dic
 
 def _hub_files(spec: str | None) -> Any:
     return [f.strip() for f in spec.split(",") if f.strip()] if spec else None
+
+
+def read_jsonl(path: Path, skip_bad_rows: bool = False) -> list[dict[str, Any]]:
+    """All well-formed rows of a small ``.jsonl`` file (the pipeline streams; this is for checks)."""
+    return [row for _, row in iter_jsonl(path, skip_bad_rows) if isinstance(row, dict)]
