@@ -99,3 +99,11 @@ def resolve_formatter(tokenizer: Any, setting: str = "auto") -> Formatter:
     if not path.is_file():
         raise ConfigError(f"chat_template: {setting!r} is not 'auto', 'hh', 'tokenizer' or an existing .jinja file")
     return Formatter(str(path), path.read_text(), tokenizer)
+
+
+def bind_template(tokenizer: Any, setting: str = "auto") -> Formatter:
+    """Resolve ``setting`` and make it the tokenizer's own template (none for HH), so the tokenizer
+    saved with the trained model tells ``dpolab serve`` how the model was trained to see a chat."""
+    formatter = resolve_formatter(tokenizer, setting)
+    tokenizer.chat_template = formatter.template
+    return formatter

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dpolab
 from dpolab.config import TrainConfig, save_config
-from dpolab.data import default_cache_dir, prepare_data
+from dpolab.data import bind_template, default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import preference_loss, preference_metrics
 from dpolab.dpo.reference import add_reference_logps
@@ -227,6 +227,7 @@ def load_prepared(config: TrainConfig):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model)
+    bind_template(tokenizer, config.chat_template)  # saved with the model: serve renders chats the same way
     model = load_model(config.model)
     disable_dropout(model)
     use_fused_gelu(model)

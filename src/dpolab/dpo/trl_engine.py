@@ -110,7 +110,7 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     import_trl()  # fail before any work when TRL is missing
     import torch
 
-    from dpolab.data import prepare_data
+    from dpolab.data import bind_template, prepare_data
     from dpolab.dpo.trainer import fit, prepare_run
     from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -120,6 +120,7 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model)
+    bind_template(tokenizer, config.chat_template)
     model, reference = load_model(config.model), load_model(config.model)
     for m in (model, reference):
         disable_dropout(m)

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 
 from dpolab.serve import jobs
+from dpolab.serve.chat import formatter_for
 from dpolab.serve.preferences import append_row, count_rows, preference_row
 from dpolab.serve.validation import BOUNDS, ApiError, boolean, json_body, messages, sampling_params, text
 
@@ -108,10 +109,11 @@ def cancel(job_id: str) -> Any:
 
 @bp.post("/api/preference")
 def preference() -> Any:
-    """Append {"chosen", "rejected"} (HH-RLHF rows) for the next `dpolab train --dataset FILE`."""
+    """Append a training row (HH or conversational, as trained) for the next `dpolab train --dataset FILE`."""
     data = json_body()
     turns = _turns(data)
     chosen, rejected = text(data, "chosen"), text(data, "rejected")
     path = Path(current_app.config["PREFERENCES_PATH"])
-    append_row(path, preference_row(turns, chosen or "", rejected or ""))
+    tokenizer = jobs.ready_engine().models.policy.tokenizer  # rows in the format the model was trained on
+    append_row(path, preference_row(turns, chosen or "", rejected or "", formatter_for(tokenizer)))
     return jsonify(saved=True, file=path.name, rows=count_rows(path)), 201

@@ -1,7 +1,9 @@
-"""Preference capture: the person's "this answer is better" becomes an HH-RLHF training row.
+"""Preference capture: the person's "this answer is better" becomes a training row in the format the
+model was trained on, exactly what ``dpolab train --dataset FILE`` reads for the next DPO round.
 
-Rows are ``{"chosen": dialogue, "rejected": dialogue}``: the same prompt dialogue followed by each
-answer, exactly what ``dpolab train --dataset FILE`` reads, so the next DPO round trains on them.
+HH runs get ``{"chosen": dialogue, "rejected": dialogue}`` (the same prompt dialogue followed by
+each answer); chat-template runs get TRL's conversational row ``{"prompt": messages, "chosen":
+[assistant message], "rejected": [assistant message]}``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dpolab.serve.chat import ASSISTANT, dialogue, format_answer
+from dpolab.data.templates import Formatter
+from dpolab.serve.chat import ASSISTANT, HH, dialogue, format_answer
 
 _lock = threading.Lock()
 
 
-def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, str]:
+def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str,
+                   formatter: Formatter = HH) -> dict[str, Any]:
+    if formatter.is_chat:
+        return {"prompt": [{"role": t["role"], "content": t["content"]} for t in turns],
+                "chosen": [{"role": "assistant", "content": chosen.strip()}],
+                "rejected": [{"role": "assistant", "content": rejected.strip()}]}
     prompt = dialogue(turns)
     assert prompt.endswith(ASSISTANT)
     return {"chosen": prompt + format_answer(chosen), "rejected": prompt + format_answer(rejected)}
