@@ -302,3 +302,31 @@ def _build(config: TrainConfig, tokenizer: Any, formatter: Formatter, report: Da
         out[split] = tokenized.select_columns(list(OUTPUT_COLUMNS))
     report.dropped = Counter({k: v for k, v in report.dropped.items() if v})
     return DatasetDict(out)
+
+
+def prepare_eval_pairs(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, DataReport]:
+    """Every usable pair of ``config.split`` (files: all of them), tokenized: what ``dpolab evaluate
+    MODEL --dataset SOURCE`` scores. Not cached (a one-off) and held in memory (evaluation sizes)."""
+    formatter = resolve_formatter(tokenizer, config.chat_template)
+    report = DataReport(source=config.dataset, max_length=config.max_length,
+                        max_prompt_length=config.max_prompt_length, chat_template=formatter.name)
+    work = Path(config.cache_dir or default_cache_dir()) / "data" / f"eval.work{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        by_source = [read_source(spec, config, formatter, work, report) for spec in sources.parse_mix(config.dataset)]
+        report.rows_read = sum(entry["rows_read"] for entry in report.sources)
+        parts = []
+        for splits, spec in zip(by_source, sources.parse_mix(config.dataset), strict=True):
+            pool = splits.get("train") or concatenate_datasets(list(splits.values()))
+            parts.append((pool, _kept(pool, report), spec.weight))
+        pool, _ = mix(parts, config.seed)
+        if not len(pool):
+            raise DataError(f"{config.dataset}: no usable pairs ({report.summary_line()})")
+        tokenized = _tokenize(pool, tokenizer, formatter, config, work, "eval").to_dict()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    keep = [i for i, gone in enumerate(tokenized["no_answer"]) if not gone]
+    report.truncated["prompt"] = sum(tokenized["prompt_cut"][i] for i in keep)
+    report.truncated["answer"] = sum(tokenized["answer_cut"][i] for i in keep)
+    report.kept["eval"] = len(keep)
+    return Dataset.from_dict({k: [tokenized[k][i] for i in keep] for k in OUTPUT_COLUMNS}), report
