@@ -14,6 +14,7 @@ alternate every round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -49,10 +50,8 @@ class TreeRss:
         while not self._stop.is_set():
             total = 0
             for proc in [self.process, *self.process.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):  # a worker that just exited
                     total += proc.memory_info().rss
-                except psutil.Error:  # a worker that just exited
-                    pass
             self.peak = max(self.peak, total)
             self._stop.wait(self.every_s)
 

@@ -3,10 +3,23 @@ implicit, column mapping) -> templates (HH text or a chat template: the one form
 serving) -> tokenization (``datasets`` batched map) -> the data report. ``prepare_data`` runs it all."""
 
 from dpolab.data.formats import FORMATS, to_pair
-from dpolab.data.pipeline import data_cache_key, default_cache_dir, prepare_data, prepare_eval_pairs, seeded_split
+from dpolab.data.pipeline import (
+           data_cache_key,
+           default_cache_dir,
+           prepare_data,
+           prepare_eval_pairs,
+           seeded_split,
+)
 from dpolab.data.report import DataReport
 from dpolab.data.sources import HUB_ID, SAMPLE_NAME, read_jsonl, sample_path
-from dpolab.data.templates import ASSISTANT, HUMAN, Formatter, bind_template, hh_to_messages, resolve_formatter
+from dpolab.data.templates import (
+           ASSISTANT,
+           HUMAN,
+           Formatter,
+           bind_template,
+           hh_to_messages,
+           resolve_formatter,
+)
 from dpolab.data.tokenize import truncate_pair
 
 __all__ = ["ASSISTANT", "FORMATS", "HUB_ID", "HUMAN", "SAMPLE_NAME", "DataReport", "Formatter", "bind_template", "data_cache_key",
