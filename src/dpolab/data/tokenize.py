@@ -106,6 +106,16 @@ def render_and_encode(batch: dict[str, list], tokenizer: Any, formatter: Formatt
     return {"texts": texts, "ids": ids}
 
 
+def answer_ids(tokenizer: Any, formatter: Formatter, answer: str) -> list[int]:
+    """One answer's ids exactly as training scores it after any prompt: HH text plus EOS, or what
+    the chat template adds to a conversation for the assistant's turn (end-of-turn token included)."""
+    if not formatter.is_chat:
+        return _encode(tokenizer, [formatter.answer(answer)])[0] + [tokenizer.eos_token_id]
+    probe = [{"role": "user", "content": "?"}]
+    prompt, full = _encode(tokenizer, [formatter.prompt(probe), formatter.full(probe, answer)])
+    return full[_common_prefix(prompt, full):]
+
+
 def tokenize_batch(batch: dict[str, list], tokenizer: Any, formatter: Formatter, max_length: int,
                    max_prompt_length: int) -> dict[str, list]:
     """The ``datasets.map`` function: output columns plus per-row truncation/drop flags."""

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from dpolab.data.templates import ASSISTANT, HUMAN, Formatter, resolve_formatter
+from dpolab.data.tokenize import answer_ids
 from dpolab.serve.validation import ApiError
 
 HH = Formatter("hh")
@@ -37,6 +38,11 @@ def dialogue(turns: list[dict[str, str]], formatter: Formatter = HH) -> str:
 def format_answer(answer: str) -> str:
     """An answer as it follows ``\\n\\nAssistant:`` in HH-RLHF rows: one leading space."""
     return HH.answer(answer)
+
+
+def scored_answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """A generated answer's ids as the trainer scores them (for the compare view's implicit reward)."""
+    return answer_ids(tokenizer, formatter_for(tokenizer), answer)
 
 
 def check_turns(turns: list[dict[str, str]], param: str) -> None:
