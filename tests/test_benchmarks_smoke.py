@@ -55,3 +55,11 @@ def test_generate_latency_smoke(tmp_path):
         assert quality["answer_nll_per_token"] > 0
     assert data["quality"]["plain_fp32"]["greedy_agreement"] == 1.0  # the reference agrees with itself
     assert data["prompt_tokens"] == 16 and data["new_tokens"] == 3
+
+
+@pytest.mark.slow
+def test_data_prep_smoke(tmp_path):
+    data = _run("data_prep.py", ["--repeat", "1", "--variants", "after"], tmp_path / "data.json")
+    (run,) = data["runs"]
+    assert run["rows_read"] == 2312 and run["kept"] == {"train": 2073, "eval": 230}
+    assert run["seconds"] > 0 and run["peak_rss_mb"] > 0 and run["cache_hit_s"] > 0
