@@ -4,8 +4,8 @@
 
 The input is the bundled sample (2,312 rows) repeated ``--repeat`` times into one ``.jsonl`` file
 (70 times: 161,840 rows, the size of full HH-RLHF), written by this script. Per variant, in a fresh
-process each: wall time of ``prepare_data`` (tokenizer loaded beforehand), peak RSS of the process
-tree (sampled every 50 ms, ``num_proc`` workers included), and for ``after`` the cache-hit time of
+process each: wall time of ``prepare_data`` (tokenizer loaded beforehand), peak memory of the
+process tree (PSS and RSS, sampled every 100 ms, ``num_proc`` workers included), and for ``after`` the cache-hit time of
 a second fresh process on the same cache. ``before`` is the pre-``datasets`` pipeline, loaded from
 git (``--before-rev``: its ``src/dpolab/data.py``) so both run in the same invocation. Variants
 alternate every round.
@@ -35,12 +35,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class TreeRss:
-    """Peak resident memory of this process plus its children (the map workers), sampled."""
+    """Peak memory of this process plus its children (the ``num_proc`` map workers), sampled.
 
-    def __init__(self, every_s: float = 0.05) -> None:
+    ``peak`` sums RSS, which counts the pages a forked worker shares with its parent (torch's
+    libraries, the tokenizer) once per process: an upper bound. ``peak_pss`` sums PSS (shared
+    pages split between the processes sharing them): the memory the tree really holds."""
+
+    def __init__(self, every_s: float = 0.1) -> None:
         import psutil
 
-        self.process, self.every_s, self.peak = psutil.Process(), every_s, 0
+        self.process, self.every_s, self.peak, self.peak_pss = psutil.Process(), every_s, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -48,11 +52,12 @@ class TreeRss:
         import psutil
 
         while not self._stop.is_set():
-            total = 0
+            rss = pss = 0
             for proc in [self.process, *self.process.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):  # a worker that just exited
-                    total += proc.memory_info().rss
-            self.peak = max(self.peak, total)
+                    info = proc.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> TreeRss:
@@ -102,6 +107,7 @@ def worker(args: argparse.Namespace) -> None:
         datasets, report, _ = prepare(config, tokenizer)
         seconds = time.perf_counter() - start
     Path(args.out).write_text(json.dumps({"seconds": seconds, "peak_rss_mb": rss.peak / 2**20,
+                                          "peak_pss_mb": rss.peak_pss / 2**20,
                                           "kept": dict(report.kept), "rows_read": report.rows_read}))
 
 
@@ -132,16 +138,16 @@ def main() -> None:
                     result["cache_hit_s"] = run_worker(Path(__file__), common)["seconds"]
                 logger.info("%s", result)
                 runs.append(result)
-    summary = {v: {k: summarize([r[k] for r in runs if r["variant"] == v]) for k in ("seconds", "peak_rss_mb")}
+    summary = {v: {k: summarize([r[k] for r in runs if r["variant"] == v]) for k in ("seconds", "peak_rss_mb", "peak_pss_mb")}
                for v in args.variants}
     if "after" in args.variants:
         summary["after"]["cache_hit_s"] = summarize([r["cache_hit_s"] for r in runs if r["variant"] == "after"])
-    rows = [f"| {v} | {summary[v]['seconds']['median']:.1f} | {summary[v]['peak_rss_mb']['median']:.0f} | "
-            f"{summary[v]['cache_hit_s']['median']:.2f} |" if v == "after" else
-            f"| {v} | {summary[v]['seconds']['median']:.1f} | {summary[v]['peak_rss_mb']['median']:.0f} | — |"
-            for v in args.variants]
+    rows = [f"| {v} | {summary[v]['seconds']['median']:.1f} | {summary[v]['peak_pss_mb']['median']:.0f} | "
+            f"{summary[v]['peak_rss_mb']['median']:.0f} | "
+            + (f"{summary[v]['cache_hit_s']['median']:.2f} |" if v == "after" else "— |") for v in args.variants]
     table = "\n".join([f"rows: {runs[0]['rows_read']} ({args.repeat} x the sample), rounds: {args.rounds}", "",
-                       "| pipeline | prepare s (median) | peak RSS MB (median) | cache hit s |", "|---|---|---|---|",
+                       "| pipeline | prepare s | peak PSS MB (tree) | peak RSS MB (tree, sum) | cache hit s |",
+                       "|---|---|---|---|---|",
                        *rows])
     publish("data_prep", {"machine": machine_info(), "repeat": args.repeat, "runs": runs, "summary": summary},
             args.out, table)

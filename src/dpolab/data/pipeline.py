@@ -14,11 +14,10 @@ import logging
 import os
 import random
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
 
 from dpolab.config import TrainConfig
@@ -26,7 +25,7 @@ from dpolab.data import formats, sources
 from dpolab.data.formats import RowError
 from dpolab.data.report import DataReport
 from dpolab.data.templates import Formatter, resolve_formatter
-from dpolab.data.tokenize import OUTPUT_COLUMNS, tokenize_batch
+from dpolab.data.tokenize import FLAG_COLUMNS, OUTPUT_COLUMNS, tokenize_batch
 from dpolab.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -231,8 +230,9 @@ def data_cache_key(config: TrainConfig, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _tokenize(dataset: Dataset, tokenizer: Any, formatter: Formatter, config: TrainConfig, work: Path,
+def _tokenize(dataset: Dataset, tokenizer: Any, formatter: Formatter, config: TrainConfig, folder: Path,
               name: str) -> Dataset:
+    """Tokenized pairs, written by ``map`` as ``FOLDER/NAME*.arrow`` (one file per worker)."""
     num_proc = config.dataset_num_proc or (min(os.cpu_count() or 1, 8) if len(dataset) >= BIG else None)
     return dataset.map(
         tokenize_batch, batched=True, batch_size=MAP_BATCH, num_proc=num_proc, remove_columns=dataset.column_names,
@@ -240,33 +240,54 @@ def _tokenize(dataset: Dataset, tokenizer: Any, formatter: Formatter, config: Tr
                        max_prompt_length=config.max_prompt_length),
         # An explicit fingerprint: hashing the tokenizer for ``datasets``' own cache costs seconds,
         # and our cache key already covers everything.
-        new_fingerprint=f"{work.name}-{name}", cache_file_name=str(work / f"tokenized-{name}.arrow"),
+        new_fingerprint=f"{folder.name}-{name}", cache_file_name=str(folder / f"{name}.arrow"),
         desc=f"tokenizing {name}")
+
+
+def _load_split(folder: Path, name: str) -> Dataset:
+    """A split as ``map`` wrote it, memory-mapped, without the flag columns (no copy either way)."""
+    files = sorted(folder.glob(f"{name}*.arrow"))
+    parts = [Dataset.from_file(str(f)) for f in files]
+    return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)).select_columns(list(OUTPUT_COLUMNS))
+
+
+def _count_flags(dataset: Dataset, report: DataReport) -> None:
+    import pyarrow.compute as pc
+
+    for flag, part in zip(FLAG_COLUMNS, ("prompt", "answer"), strict=True):
+        report.truncated[part] += pc.sum(dataset.data.column(flag)).as_py() or 0
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[DatasetDict, DataReport, str]:
     """Tokenized ``train`` / ``eval`` datasets, the data report and the cache key.
 
-    Cached on disk (Arrow, via ``datasets``) keyed by a hash of source content, tokenizer, chat
-    template, format options and budget: the second run (and every sweep trial) skips it all.
+    Cached on disk (the Arrow files ``map`` wrote, memory-mapped) keyed by a hash of source
+    content, tokenizer, chat template, format options and budget: the second run (and every
+    sweep trial) skips it all.
     """
     key = data_cache_key(config, tokenizer)
     cache = Path(config.cache_dir or default_cache_dir()) / "data" / key
-    if (cache / "report.json").exists():
-        report = DataReport.from_dict(json.loads((cache / "report.json").read_text()))
+    if not (cache / "report.json").exists():
+        _build_cache(config, tokenizer, cache)
+    else:
         logger.info("data: cache hit %s", cache)
-        logger.info(report.summary_line())
-        return load_from_disk(str(cache / "dataset")), report, key
+    report = DataReport.from_dict(json.loads((cache / "report.json").read_text()))
+    logger.info(report.summary_line())
+    return DatasetDict({split: _load_split(cache, split) for split in ("train", "eval")}), report, key
 
+
+def _build_cache(config: TrainConfig, tokenizer: Any, cache: Path) -> None:
     formatter = resolve_formatter(tokenizer, config.chat_template)
     report = DataReport(source=config.dataset, max_length=config.max_length,
                         max_prompt_length=config.max_prompt_length, chat_template=formatter.name)
     work = cache.with_name(cache.name + f".work{os.getpid()}")
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
-        dataset = _build(config, tokenizer, formatter, report, work)
-        logger.info(report.summary_line())
-        dataset.save_to_disk(str(tmp / "dataset"))
+        _build(config, tokenizer, formatter, report, work, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (tmp / "report.json").write_text(json.dumps(report.to_dict()))
@@ -274,34 +295,27 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[DatasetDict, Data
         os.replace(tmp, cache)  # atomic: concurrent sweep workers never see half a cache
     except OSError:  # another process won the race; its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_from_disk(str(cache / "dataset")), report, key
 
 
-def _build(config: TrainConfig, tokenizer: Any, formatter: Formatter, report: DataReport, work: Path) -> DatasetDict:
+def _build(config: TrainConfig, tokenizer: Any, formatter: Formatter, report: DataReport, work: Path,
+           out: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     by_source = [read_source(spec, config, formatter, work, report) for spec in sources.parse_mix(config.dataset)]
     report.rows_read = sum(entry["rows_read"] for entry in report.sources)
     if not any(len(d) for s in by_source for d in s.values()):
         raise DataError(f"{config.dataset}: no usable rows")
     splits = _splits(config, by_source, report)
-    out = {}
     for split in ("train", "eval"):
         if split not in splits or not len(splits[split]):
             raise DataError(f"{config.dataset}: no usable pairs left for the {split} split ({report.summary_line()})")
-        tokenized = _tokenize(splits[split], tokenizer, formatter, config, work, split)
-        flags = tokenized.select_columns(["prompt_cut", "answer_cut", "no_answer"]).to_dict()
-        keep = [i for i, gone in enumerate(flags["no_answer"]) if not gone]
-        report.dropped["no_answer_after_truncation"] += len(tokenized) - len(keep)
-        report.truncated["prompt"] += sum(c for c, g in zip(flags["prompt_cut"], flags["no_answer"], strict=True) if not g)
-        report.truncated["answer"] += sum(c for c, g in zip(flags["answer_cut"], flags["no_answer"], strict=True) if not g)
-        if len(keep) < len(tokenized):
-            tokenized = tokenized.select(keep)
-        report.kept[split] = len(keep)
+        tokenized = _tokenize(splits[split], tokenizer, formatter, config, out, split)
+        if len(tokenized) < len(splits[split]):
+            report.dropped["no_answer_after_truncation"] += len(splits[split]) - len(tokenized)
+        _count_flags(tokenized, report)
+        report.kept[split] = len(tokenized)
         if not report.kept[split]:
             raise DataError(f"{config.dataset}: no usable pairs left for the {split} split ({report.summary_line()})")
-        out[split] = tokenized.select_columns(list(OUTPUT_COLUMNS))
-    report.dropped = Counter({k: v for k, v in report.dropped.items() if v})
-    return DatasetDict(out)
+    logger.info(report.summary_line())
 
 
 def prepare_eval_pairs(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, DataReport]:
@@ -322,11 +336,10 @@ def prepare_eval_pairs(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Da
         pool, _ = mix(parts, config.seed)
         if not len(pool):
             raise DataError(f"{config.dataset}: no usable pairs ({report.summary_line()})")
-        tokenized = _tokenize(pool, tokenizer, formatter, config, work, "eval").to_dict()
+        tokenized = _tokenize(pool, tokenizer, formatter, config, work, "eval")
+        _count_flags(tokenized, report)
+        pairs = Dataset.from_dict(tokenized.select_columns(list(OUTPUT_COLUMNS)).to_dict())  # off the work dir
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    keep = [i for i, gone in enumerate(tokenized["no_answer"]) if not gone]
-    report.truncated["prompt"] = sum(tokenized["prompt_cut"][i] for i in keep)
-    report.truncated["answer"] = sum(tokenized["answer_cut"][i] for i in keep)
-    report.kept["eval"] = len(keep)
-    return Dataset.from_dict({k: [tokenized[k][i] for i in keep] for k in OUTPUT_COLUMNS}), report
+    report.kept["eval"] = len(pairs)
+    return pairs, report

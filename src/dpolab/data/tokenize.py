@@ -20,6 +20,7 @@ from typing import Any
 from dpolab.data.templates import Formatter
 
 OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "length")
+FLAG_COLUMNS = ("prompt_cut", "answer_cut")  # kept in the Arrow files, summed into the data report
 
 
 def truncate_pair(
@@ -118,18 +119,20 @@ def answer_ids(tokenizer: Any, formatter: Formatter, answer: str) -> list[int]:
 
 def tokenize_batch(batch: dict[str, list], tokenizer: Any, formatter: Formatter, max_length: int,
                    max_prompt_length: int) -> dict[str, list]:
-    """The ``datasets.map`` function: output columns plus per-row truncation/drop flags."""
+    """The ``datasets.map`` function: output columns plus per-row truncation flags. A pair with no
+    answer token left is left out (the caller counts the rows that went missing)."""
     rendered = render_and_encode(batch, tokenizer, formatter)
     texts, ids = rendered["texts"], rendered["ids"]
-    out: dict[str, list] = {k: [] for k in (*OUTPUT_COLUMNS, "prompt_cut", "answer_cut", "no_answer")}
+    out: dict[str, list] = {k: [] for k in (*OUTPUT_COLUMNS, *FLAG_COLUMNS)}
     for i in range(len(batch["chosen"])):
         prompt_ids, chosen_ids, rejected_ids, prompt_cut, answer_cut = truncate_pair(
             ids["prompt"][i], ids["chosen"][i], ids["rejected"][i], max_length, max_prompt_length)
+        if not chosen_ids or not rejected_ids:
+            continue
         for key, value in (("prompt", texts["prompt"][i]), ("chosen", texts["chosen"][i]),
                            ("rejected", texts["rejected"][i]), ("prompt_ids", prompt_ids),
                            ("chosen_ids", chosen_ids), ("rejected_ids", rejected_ids),
                            ("length", len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))),
-                           ("prompt_cut", prompt_cut), ("answer_cut", answer_cut),
-                           ("no_answer", not chosen_ids or not rejected_ids)):
+                           ("prompt_cut", prompt_cut), ("answer_cut", answer_cut)):
             out[key].append(value)
     return out
