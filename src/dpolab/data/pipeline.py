@@ -90,8 +90,9 @@ def read_source(spec: sources.SourceSpec, config: TrainConfig, formatter: Format
         report.files += [p for paths in plan.values() for p in paths]
         split_names = {"train": "train*", "eval": "test*", "all": "all files"}
     else:
-        plan = {split: [] for split in sources.load_splits(spec.name, kind, config, str(work))}
-        split_names = {s: t[1] for s, t in sources.load_splits(spec.name, kind, config, str(work)).items()}
+        split_names = {s: table_and_name[1] for s, table_and_name in
+                       sources.load_splits(spec.name, kind, config, str(work)).items()}
+        plan = {split: [] for split in split_names}
     first_split = next(iter(plan))
     fmt = config.data_format
     if fmt == "auto":
@@ -106,7 +107,7 @@ def read_source(spec: sources.SourceSpec, config: TrainConfig, formatter: Format
                       chat=formatter.is_chat)
         try:
             out[split] = Dataset.from_generator(_pairs, features=_pair_features(), gen_kwargs=kwargs,
-                                                cache_dir=str(work / "gen"), fingerprint=f"{work.name}-{spec.name}-{split}")
+                                                cache_dir=str(work / "gen"), fingerprint=_name_hash(f"{work.name}-{spec.name}-{split}"))
         except DatasetGenerationError as exc:
             raise _data_error(exc) from None
     entry = {"source": spec.name, "format": fmt, "weight": spec.weight,
@@ -114,6 +115,11 @@ def read_source(spec: sources.SourceSpec, config: TrainConfig, formatter: Format
              "rows_read": sum(len(d) for d in out.values())}
     report.sources.append(entry)
     return out
+
+
+def _name_hash(text: str) -> str:
+    """A fingerprint ``datasets`` can use in file names (source names hold '/' and ':')."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _data_error(exc: BaseException) -> BaseException:
