@@ -127,3 +127,11 @@ def test_gpu_check_fsdp_comparison(tmp_path):
         compare_fsdp(plain, run("not-wrapped", [0.6931, 0.6900, 0.6800], 0))
     with pytest.raises(RuntimeError, match="differ"):
         compare_fsdp(plain, run("diverged", [0.6931, 0.6950, 0.6800], 3))
+
+
+@pytest.mark.slow
+def test_data_prep_smoke(tmp_path):
+    data = _run("data_prep.py", ["--repeat", "1", "--variants", "after"], tmp_path / "data.json")
+    (run,) = data["runs"]
+    assert run["rows_read"] == 2312 and run["kept"] == {"train": 2073, "eval": 230}
+    assert run["seconds"] > 0 and run["peak_rss_mb"] > 0 and run["cache_hit_s"] > 0

@@ -35,10 +35,28 @@ class TrainConfig:
         "(str, 'tiny-gpt2'): Hub id (e.g. 'gpt2'), a local HF model folder, or a built-in name "
         "('tiny-gpt2', 'gpt2-124m-random'). It is also the frozen reference model."))
     dataset: str = field(default="hh-rlhf-sample", metadata=_doc(
-        "(str, 'hh-rlhf-sample'): 'hh-rlhf-sample' (bundled real HH-RLHF harmless-base test split), "
-        "a local *.jsonl / *.jsonl.gz file or folder of them, or the Hub id 'Anthropic/hh-rlhf'."))
+        "(str, 'hh-rlhf-sample'): 'hh-rlhf-sample' (bundled real HH-RLHF harmless-base test split), a local "
+        "*.jsonl / *.jsonl.gz / *.json / *.csv / *.parquet file or folder of them, a `save_to_disk` folder, "
+        "a Hub dataset id, or a weighted mix 'a.jsonl:0.7,org/other:0.3'."))
     data_dir: str | None = field(default=None, metadata=_doc(
         "(str | None, None): subset of the Hub dataset, e.g. 'harmless-base' or 'helpful-base'."))
+    data_files: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): comma-separated files inside the Hub dataset to load (its `data_files`)."))
+    split: str = field(default="train", metadata=_doc(
+        "(str, 'train'): split of a Hub / save_to_disk dataset to train on."))
+    eval_split: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): held-out split of a Hub / save_to_disk dataset; None uses 'test' when it "
+        "exists, else a seeded eval_fraction of the training split."))
+    data_format: str = field(default="auto", metadata=_doc(
+        "(str, 'auto'): row layout: 'auto' (detected from the columns), 'hh', 'explicit', "
+        "'conversational' or 'implicit' (conversations sharing a prompt prefix)."))
+    columns: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): column mapping for other layouts, e.g. 'prompt=question,chosen=good,rejected=bad'."))
+    chat_template: str = field(default="auto", metadata=_doc(
+        "(str, 'auto'): how conversations become text: 'auto' (the tokenizer's chat template when it has "
+        "one, else 'hh'), 'hh' (\\n\\nHuman: / \\n\\nAssistant: text), 'tokenizer', or a PATH.jinja file."))
+    dataset_num_proc: int | None = field(default=None, metadata=_doc(
+        "(int | None, None): processes tokenizing the data; None uses all cores (up to 8) for large data."))
     eval_fraction: float = field(default=0.1, metadata=_doc(
         "(float, 0.1): held-out fraction when the source has a single split (seeded split)."))
     max_train_pairs: int | None = field(default=None, metadata=_doc(
@@ -139,7 +157,10 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
-        for name in ("eval_steps", "save_steps", "max_train_pairs", "max_eval_pairs"):
+        if self.data_format not in ("auto", "hh", "explicit", "conversational", "implicit"):
+            raise ConfigError(f"data_format must be auto, hh, explicit, conversational or implicit, "
+                              f"got {self.data_format!r}")
+        for name in ("eval_steps", "save_steps", "max_train_pairs", "max_eval_pairs", "dataset_num_proc"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0 or null, got {value!r}")

@@ -22,7 +22,7 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
-from dpolab.data import DataReport, default_cache_dir, prepare_data
+from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import preference_loss, preference_metrics
 from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
@@ -118,6 +118,7 @@ def load_prepared(config: TrainConfig) -> Prepared:
     """Tokenizer, model (dropout off), prepared data with reference log-probs, and bookkeeping."""
     device, dtype = resolve_hardware(config)
     tokenizer = load_tokenizer(config.model)
+    bind_template(tokenizer, config.chat_template)  # saved with the model: serve renders chats the same way
     model = load_model(config.model)
     disable_dropout(model)
     use_fused_gelu(model)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dpolab.config import TrainConfig
-from dpolab.data import prepare_data
+from dpolab.data import bind_template, prepare_data
 from dpolab.errors import ConfigError
 from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_argument_kwargs
 from dpolab.model import disable_dropout, load_model, load_tokenizer
@@ -112,6 +112,7 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     run = prepare_run(config, output_dir, resume, engine="trl")
     device, dtype = resolve_hardware(config)
     tokenizer = load_tokenizer(config.model)
+    bind_template(tokenizer, config.chat_template)
     model, reference = load_model(config.model), load_model(config.model)
     for m in (model, reference):
         disable_dropout(m)

@@ -15,7 +15,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "accuracy and margin, log-probs of policy vs reference), generate answers of policy and reference "
         "for N held-out prompts (seeded sampling, saved side by side), and with --judge compute win rates "
         "with 95%% intervals. Output: <run>/evaluation/.")
-    ev.add_argument("path", type=user_path, metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder (its best trial)")
+    ev.add_argument("path", type=path_or_name, metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder (its "
+                    "best trial); with --dataset, any model: folder, run, export or Hub id")
+    ev.add_argument("--dataset", type=path_or_name, metavar="SOURCE", help="score PATH against --reference on every "
+                    "pair of SOURCE (any source and format `dpolab train` reads); writes OUTPUT_DIR/metrics.json")
+    ev.add_argument("--reference", type=path_or_name, metavar="MODEL", help="the reference model (with --dataset)")
+    ev.add_argument("--split", default="train", help="split of a Hub / save_to_disk --dataset (default train)")
+    ev.add_argument("--beta", type=float, default=0.1, help="DPO beta of the metrics (with --dataset)")
+    ev.add_argument("--data-format", default="auto", help="force the row format (with --dataset)")
+    ev.add_argument("--columns", help="column mapping prompt=COL,chosen=COL,rejected=COL (with --dataset)")
     ev.add_argument("--n-prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
     ev.add_argument("--judge", type=path_or_name, metavar="MODEL", help="reward model (Hub id or folder) for win rates")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
@@ -32,6 +40,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.n_prompts < 0:
         raise ConfigError("--n-prompts must be >= 0")
+    if args.dataset:
+        return _evaluate_model(args)
     result = evaluate(args.path, n_prompts=args.n_prompts, judge=args.judge, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       output_dir=args.output_dir)
@@ -45,4 +55,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
         for key, label in (("vs_reference", "reference"), ("vs_chosen", "dataset's chosen answer")):
             w = result["judge"][key]
             print(f"win rate over {label}: {w['win_rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, n={w['n']})")
+    return 0
+
+
+def _evaluate_model(args: argparse.Namespace) -> int:
+    from dpolab.errors import ConfigError
+    from dpolab.evaluate.run import evaluate_model
+
+    if not args.reference:
+        raise ConfigError("--dataset needs --reference MODEL (the model the rewards are measured against)")
+    result = evaluate_model(args.path, args.reference, args.dataset, split=args.split, beta=args.beta,
+                            output_dir=args.output_dir or "evaluation", data_format=args.data_format,
+                            columns=args.columns)
+    p = result["pairs"]
+    print(f"{args.dataset} ({p['pairs']} pairs): loss {p['loss']:.4f} | reward accuracy {p['rewards/accuracies']:.3f} "
+          f"| reward margin {p['rewards/margins']:.4f}")
     return 0

@@ -66,3 +66,34 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
         summary["win_rate"] = win_rate_summary(result["judge"])
         run.write_summary(summary)
     return result
+
+
+def evaluate_model(model: str, reference: str, dataset: str, split: str = "train", beta: float = 0.1,
+                   output_dir: str | Path = "evaluation", **data_options: Any) -> dict[str, Any]:
+    """Score any model (folder, run, export or Hub id) against ``reference`` on every pair of
+    ``dataset`` (any source and format training reads; ``split`` of a Hub / save_to_disk dataset).
+    Rendered with the policy's tokenizer, whose chat template (if any) is how it was trained.
+    Writes ``OUTPUT_DIR/metrics.json`` (the same ``pairs`` metrics as a run's evaluation)."""
+    from dpolab.data import prepare_eval_pairs
+    from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device
+
+    try:
+        run = resolve_run(model)
+    except RunFolderError:
+        source = model
+    else:
+        source = str(run.model_dir)
+    config = TrainConfig(model=reference, dataset=dataset, split=split, beta=beta, **data_options)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(source)
+    pairs, report = prepare_eval_pairs(config, tokenizer)
+    policy, ref = load_model(source).to(device).eval(), load_model(reference).to(device).eval()
+    for loaded in (policy, ref):
+        disable_dropout(loaded)
+    result = {"model": model, "reference": reference, "dataset": dataset, "split": split,
+              "pairs": pair_metrics(policy, ref, pairs, config, tokenizer.pad_token_id),
+              "data_report": report.to_dict(), "generation": None, "judge": None}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", result)
+    return result

@@ -150,7 +150,8 @@ def _dataset_text(info: dict[str, Any], report: dict[str, Any] | None) -> list[s
         subset = info.get("data_dir") or "all subsets"
         lines = [f"Data: [{HH_RLHF}](https://huggingface.co/datasets/{HH_RLHF}) ({subset})."]
     else:
-        lines = [f"Data: `{dataset}` (local preference pairs in the HH-RLHF format)."]
+        lines = [f"Data: `{dataset}`."]
+    lines += _sources_lines(report)
     if report:
         kept = report.get("kept") or {}
         dropped = report.get("dropped") or {}
@@ -159,6 +160,24 @@ def _dataset_text(info: dict[str, Any], report: dict[str, Any] | None) -> list[s
         lines += [f"| pairs kept ({split}) | {n} |" for split, n in kept.items()]
         lines += [f"| pairs dropped ({reason.replace('_', ' ')}) | {n} |" for reason, n in dropped.items()]
         lines += [f"| pairs truncated ({part}) | {n} |" for part, n in truncated.items()]
+    return lines
+
+
+def _sources_lines(report: dict[str, Any] | None) -> list[str]:
+    """Every source of the data with its split, weight and format, and the chat template (reports
+    written before dpolab read several formats have neither: nothing is claimed for them)."""
+    sources = (report or {}).get("sources") or []
+    if not sources:
+        return []
+    lines = ["", "| source | split | weight | format | pairs used |", "|---|---|---|---|---|"]
+    for entry in sources:
+        splits = ", ".join(f"{ours}: `{theirs}`" for ours, theirs in (entry.get("splits") or {}).items())
+        used = sum((entry.get("pairs") or {}).values())
+        lines.append(f"| `{entry['source']}` | {splits} | {_fmt(entry.get('weight'))} | {entry.get('format')} | "
+                     f"{used} |")
+    template = report.get("chat_template", "hh")
+    lines += ["", "Prompt format: " + ("HH-RLHF text (`\\n\\nHuman: ...\\n\\nAssistant:`)." if template == "hh"
+                                       else f"chat template (`{template}`), rendered with `apply_chat_template`.")]
     return lines
 
 

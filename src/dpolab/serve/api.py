@@ -12,6 +12,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dpolab.serve import jobs
+from dpolab.serve.chat import formatter_for
 from dpolab.serve.preferences import append_row, check_pair, count_rows, encode_row, preference_row
 from dpolab.serve.validation import (
     BOUNDS,
@@ -128,15 +129,16 @@ def cancel(job_id: str) -> Any:
 
 @bp.post("/api/preference")
 def preference() -> Any:
-    """Append {"chosen", "rejected"} (HH-RLHF rows) for the next `dpolab train --dataset FILE`."""
+    """Append a training row (HH or conversational, as trained) for the next `dpolab train --dataset FILE`."""
     _same_origin_json()
     data = json_body()
     known_fields(data, {"prompt", "history", "chosen", "rejected"})
     turns = _turns(data)
     chosen, rejected = text(data, "chosen"), text(data, "rejected")
     path = Path(current_app.config["PREFERENCES_PATH"])
-    row = preference_row(turns, chosen or "", rejected or "")
-    check_pair(chosen or "", rejected or "", row)
+    formatter = formatter_for(jobs.ready_engine().models.policy.tokenizer)  # rows as the model was trained
+    row = preference_row(turns, chosen or "", rejected or "", formatter)
+    check_pair(chosen or "", rejected or "", row, formatter)
     current_app.extensions["dpolab.preference_limit"].admit(path, encode_row(row))
     append_row(path, row)
     return jsonify(saved=True, file=path.name, rows=count_rows(path)), 201

@@ -1,40 +1,49 @@
-"""Chat turns <-> the HH-RLHF training format, and fitting a long chat into the context window.
+"""Chat turns -> the prompt the model was trained on, and fitting a long chat into the context window.
 
-The model was trained on dialogues ``\\n\\nHuman: ...\\n\\nAssistant: ...``, so the page's chat is
-sent exactly that way, ending with ``\\n\\nAssistant:`` for the model to continue.
+Rendering is the training pipeline's own :class:`~dpolab.data.templates.Formatter`: the HH text
+format (``\\n\\nHuman: ...\\n\\nAssistant:``) for template-less models such as GPT-2, the
+tokenizer's chat template (generation prompt on) for instruct models. The served model's
+tokenizer is the one saved with it, which carries the template it was trained with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
 
+from dpolab.data.templates import Formatter, resolve_formatter
+from dpolab.data.tokenize import answer_ids
 from dpolab.hh import ASSISTANT, HUMAN
 from dpolab.serve.validation import ApiError
 
+HH = Formatter("hh")
 # Stop at the model's next turn marker: past it, the model is writing the human's lines. The
 # assistant marker stops too, because an answer containing it would make the dialogue ambiguous
 # for the trainer, which splits prompt and answer at the *last* "\n\nAssistant:".
 TURN_STOPS = (HUMAN, ASSISTANT)
 
 
-def dialogue(turns: list[dict[str, str]]) -> str:
-    """Turns -> training-format prompt ending in ``\\n\\nAssistant:``. A system message (OpenAI
-    clients send one) has no HH equivalent; it goes first as plain text."""
-    parts = []
-    for turn in turns:
-        content = turn["content"].strip()
-        if turn["role"] == "system":
-            parts.append(content)
-        elif turn["role"] == "user":
-            parts.append(f"{HUMAN} {content}")
-        else:
-            parts.append(f"{ASSISTANT} {content}")
-    return "".join(parts) + ASSISTANT
+@lru_cache(maxsize=8)
+def formatter_for(tokenizer: Any) -> Formatter:
+    """How the model behind ``tokenizer`` was trained to see a conversation (its chat template, else HH)."""
+    return resolve_formatter(tokenizer)
+
+
+def dialogue(turns: list[dict[str, str]], formatter: Formatter = HH) -> str:
+    """Turns -> the training-format prompt, ready for the assistant's turn (HH: ending in
+    ``\\n\\nAssistant:``; a system message, which HH lacks, goes first as plain text)."""
+    return formatter.prompt(turns)
 
 
 def format_answer(answer: str) -> str:
     """An answer as it follows ``\\n\\nAssistant:`` in HH-RLHF rows: one leading space."""
-    return " " + answer.strip()
+    return HH.answer(answer)
+
+
+def scored_answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """A generated answer's ids as the trainer scores them (for the compare view's implicit reward)."""
+    return answer_ids(tokenizer, formatter_for(tokenizer), answer)
 
 
 def check_turns(turns: list[dict[str, str]], param: str) -> None:
@@ -46,7 +55,7 @@ def check_turns(turns: list[dict[str, str]], param: str) -> None:
 
 
 def fit_turns(turns: list[dict[str, str]], count_tokens: Callable[[str], int], budget: int,
-              param: str) -> tuple[str, int, int]:
+              param: str, formatter: Formatter = HH) -> tuple[str, int, int]:
     """Drop the oldest turns until the prompt fits ``budget`` tokens.
 
     Returns (prompt, prompt_tokens, dropped_turns). A last user turn that does not fit on its own
@@ -55,7 +64,7 @@ def fit_turns(turns: list[dict[str, str]], count_tokens: Callable[[str], int], b
     turns = list(turns)
     dropped = 0
     while True:
-        prompt = dialogue(turns)
+        prompt = dialogue(turns, formatter)
         n_tokens = count_tokens(prompt)
         if n_tokens <= budget:
             return prompt, n_tokens, dropped

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpolab.serve.batching import Batcher
-from dpolab.serve.chat import format_answer
+from dpolab.serve.chat import scored_answer_ids
 from dpolab.serve.metrics import Metrics
 from dpolab.serve.models import LoadedModel, ServedModels, implicit_rewards
 from dpolab.serve.validation import SamplingParams
@@ -317,10 +317,9 @@ class Engine:
             answers.append(self._answer(job, role, loaded))
             job.emit("answer", answers[-1].public())
         prompt_ids = models.policy.tokenizer(job.prompt).input_ids
-        # Scored as the trainer scores a preference pair: the answer as it would sit in an HH row,
-        # EOS appended, tokenized by the policy's tokenizer for both models.
-        eos = models.policy.tokenizer.eos_token_id
-        answer_ids = [models.policy.tokenizer(format_answer(a.text)).input_ids + [eos] for a in answers]
+        # Scored as the trainer scores a preference pair (HH text + EOS, or the chat template's
+        # assistant turn), tokenized by the policy's tokenizer for both models.
+        answer_ids = [scored_answer_ids(models.policy.tokenizer, a.text) for a in answers]
         rewards = implicit_rewards(models, prompt_ids, answer_ids)
         for answer, reward in zip(answers, rewards or [None] * len(answers), strict=True):
             answer.reward = reward

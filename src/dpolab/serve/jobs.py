@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Response, current_app, request, stream_with_context
 
-from dpolab.serve.chat import TURN_STOPS, check_turns, fit_turns
+from dpolab.serve.chat import TURN_STOPS, check_turns, fit_turns, formatter_for
 from dpolab.serve.generation import Engine, Job, NotReady, QueueFull
 from dpolab.serve.validation import ApiError, SamplingParams
 
@@ -47,7 +47,8 @@ def chat_job(turns: list[dict[str, str]], params: SamplingParams, param: str,
     """A training-format chat job; oldest turns dropped to fit (reported in the returned meta)."""
     eng = ready_engine()
     check_turns(turns, param)
-    prompt, n_tokens, dropped = fit_turns(turns, count_tokens(eng), context_budget(eng, params.max_new_tokens), param)
+    prompt, n_tokens, dropped = fit_turns(turns, count_tokens(eng), context_budget(eng, params.max_new_tokens), param,
+                                          formatter_for(eng.models.policy.tokenizer))
     job = Job(prompt=prompt, params=params, roles=roles, stops=TURN_STOPS + params.stop,
               timeout_s=current_app.config["REQUEST_TIMEOUT_S"])
     return submit(eng, job), {"prompt_tokens": n_tokens, "truncated_turns": dropped}

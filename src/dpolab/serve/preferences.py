@@ -1,7 +1,9 @@
-"""Preference capture: the person's "this answer is better" becomes an HH-RLHF training row.
+"""Preference capture: the person's "this answer is better" becomes a training row in the format the
+model was trained on, exactly what ``dpolab train --dataset FILE`` reads for the next DPO round.
 
-Rows are ``{"chosen": dialogue, "rejected": dialogue}``: the same prompt dialogue followed by each
-answer, exactly what ``dpolab train --dataset FILE`` reads, so the next DPO round trains on them.
+HH runs get ``{"chosen": dialogue, "rejected": dialogue}`` (the same prompt dialogue followed by
+each answer); chat-template runs get TRL's conversational row ``{"prompt": messages, "chosen":
+[assistant message], "rejected": [assistant message]}``.
 """
 
 from __future__ import annotations
@@ -16,31 +18,38 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from dpolab.data import to_pair
-from dpolab.serve.chat import ASSISTANT, TURN_STOPS, dialogue, format_answer
+from dpolab.data.formats import adapt
+from dpolab.data.templates import Formatter
+from dpolab.serve.chat import ASSISTANT, HH, TURN_STOPS, dialogue, format_answer
 from dpolab.serve.validation import ApiError
 
 _lock = threading.Lock()
 
 
-def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, str]:
+def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str,
+                   formatter: Formatter = HH) -> dict[str, Any]:
+    if formatter.is_chat:
+        return {"prompt": [{"role": t["role"], "content": t["content"]} for t in turns],
+                "chosen": [{"role": "assistant", "content": chosen.strip()}],
+                "rejected": [{"role": "assistant", "content": rejected.strip()}]}
     prompt = dialogue(turns)
     assert prompt.endswith(ASSISTANT)
     return {"chosen": prompt + format_answer(chosen), "rejected": prompt + format_answer(rejected)}
 
 
-def check_pair(chosen: str, rejected: str, row: dict[str, Any]) -> None:
+def check_pair(chosen: str, rejected: str, row: dict[str, Any], formatter: Formatter = HH) -> None:
     """Refuse (400 naming the field) a pair that ``dpolab train --dataset`` would drop, or learn
     nothing from: the file must hold only rows the next round trains on."""
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
-        marker = next((m for m in TURN_STOPS if m in answer), None)
-        if marker is not None:  # the loader would split the dialogue inside the answer
+        marker = None if formatter.is_chat else next((m for m in TURN_STOPS if m in answer), None)
+        if marker is not None:  # the HH loader would split the dialogue inside the answer
             raise ApiError(f"{name} holds the turn marker {marker!r}; an answer cannot contain a dialogue turn",
                            param=name, code="invalid_value")
     if chosen.strip() == rejected.strip():
         raise ApiError("chosen and rejected are the same answer: such a pair teaches DPO nothing", param="rejected",
                        code="invalid_value")
-    _, reason = to_pair(row)  # exactly the check the data loader makes
+    # exactly the check the data loader makes on a row of this format
+    _, reason = adapt(row, "conversational" if formatter.is_chat else "hh", chat=formatter.is_chat)
     if reason is not None:
         raise ApiError(f"the training data loader would drop this pair ({reason})", param="prompt",
                        code="invalid_value")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dpolab.data import DataReport, prepare_data, read_jsonl, split_dialogue, to_pair, truncate_pair
+from dpolab.data import prepare_data, read_jsonl, to_pair, truncate_pair
 from dpolab.errors import DataError
 from dpolab.model import load_tokenizer
 from tests.conftest import tiny_config
@@ -26,7 +26,8 @@ def write_lines(path, lines: list[str]) -> str:
 
 def test_split_at_the_last_assistant_turn():
     dialogue = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
-    assert split_dialogue(dialogue) == ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d")
+    pair, _ = to_pair({"chosen": dialogue, "rejected": dialogue + "!"})
+    assert (pair["prompt"], pair["chosen"]) == ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d")
     pair, reason = to_pair(GOOD)
     assert reason is None
     assert pair == {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Hello! How can I help?",
@@ -97,21 +98,21 @@ def test_local_jsonl_file_and_release_folder(tmp_path, tokenizer):
 
 @pytest.mark.parametrize(("lines", "message"), [
     ([json.dumps(GOOD), "{not json"], r"bad.jsonl:2: invalid JSON"),
-    ([json.dumps({"chosen": GOOD["chosen"]})], r"bad.jsonl:1: missing key 'rejected'"),
+    ([json.dumps(GOOD), json.dumps({"chosen": GOOD["chosen"]})], r"bad.jsonl:2: missing key 'rejected'"),
     ([json.dumps({"chosen": 3, "rejected": "x"})], r"bad.jsonl:1: field 'chosen' must be a string, got int"),
     (["[1, 2]"], r"bad.jsonl:1: expected a JSON object, got list"),
 ])
-def test_malformed_rows_fail_with_file_and_line(tmp_path, lines, message):
+def test_malformed_rows_fail_with_file_and_line(tmp_path, tokenizer, lines, message):
     path = write_lines(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DataError, match=message):
-        read_jsonl(__import__("pathlib").Path(path), DataReport(source=path))
+        prepare_data(tiny_config(dataset=path, cache_dir=str(tmp_path)), tokenizer)
 
 
 def test_non_utf8_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"chosen": "\xff\xfe", "rejected": "x"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid UTF-8"):
-        read_jsonl(path, DataReport(source=str(path)))
+        read_jsonl(path)
 
 
 def test_skip_bad_rows_counts_them(tmp_path, tokenizer):
@@ -152,7 +153,7 @@ def test_tokenized_data_is_cached_by_content(tmp_path, tokenizer, caplog):
     path = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD)] * 10)
     config = tiny_config(dataset=path)
     _, _, key = prepare_data(config, tokenizer)
-    with caplog.at_level("INFO", logger="dpolab.data"):
+    with caplog.at_level("INFO", logger="dpolab.data.pipeline"):
         _, _, again = prepare_data(config, tokenizer)
     assert again == key and "cache hit" in caplog.text
     write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD)] * 11)  # edited file: new key
