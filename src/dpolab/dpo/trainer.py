@@ -26,7 +26,7 @@ import dpolab
 from dpolab.config import TrainConfig, save_config
 from dpolab.data import default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
-from dpolab.dpo.loss import preference_loss, preference_metrics
+from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.reference import add_reference_logps
 from dpolab.errors import ConfigError
 from dpolab.model import (
@@ -64,12 +64,12 @@ class DPOEngine(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy_chosen_logps, policy_rejected_logps = concatenated_forward(
             model, inputs, self.dpo_config.logps_chunk_size)  # (B,), (B,)
+        lengths = answer_lengths(inputs)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps,
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             beta=self.dpo_config.beta, loss_type=self.dpo_config.loss_type,
-            label_smoothing=self.dpo_config.label_smoothing,
-            **answer_lengths(inputs))
+            label_smoothing=self.dpo_config.label_smoothing, **lengths)
         mode = "train" if model.training else "eval"
         if mode == "train":
             self.pairs_seen += policy_chosen_logps.shape[0]
@@ -77,9 +77,11 @@ class DPOEngine(Trainer):
         # Gather per-pair values from every process so logged means cover the global batch.
         values = (losses.detach(), chosen_rewards, rejected_rewards,
                   policy_chosen_logps.detach(), policy_rejected_logps.detach())
-        for key, value in zip(PER_PAIR_KEYS, values, strict=True):
+        for key, value in zip((*PER_PAIR_KEYS, "chosen_lengths"), (*values, lengths["chosen_lengths"]), strict=True):
             self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(value).float().cpu())
         loss = losses.mean()
+        if self.dpo_config.rpo_alpha:
+            loss = loss + self.dpo_config.rpo_alpha * chosen_nll(policy_chosen_logps, lengths["chosen_lengths"])
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -94,6 +96,10 @@ class DPOEngine(Trainer):
         per_pair = {k: torch.cat(v) for k, v in self._per_pair[mode].items() if v}
         if per_pair:
             metrics = preference_metrics(*(per_pair[k] for k in PER_PAIR_KEYS))
+            if self.dpo_config.rpo_alpha:
+                # Over every chosen token logged since the last log (TRL's token mean, window-wide).
+                metrics["nll_loss"] = chosen_nll(per_pair["policy_chosen_logps"], per_pair["chosen_lengths"]).item()
+                metrics["loss"] += self.dpo_config.rpo_alpha * metrics["nll_loss"]
             if mode == "train":
                 metrics.pop("loss")  # Trainer's own running mean of the optimised loss is the same number
             prefix = "eval_" if mode == "eval" else ""
@@ -179,6 +185,9 @@ def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, d
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         dataloader_num_workers=0,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA).
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
 
 

@@ -79,7 +79,7 @@ def pretokenized_trainer_class() -> type:
 def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **overrides: Any) -> Any:
     """``trl.DPOConfig`` from our config: the shared Trainer fields plus the DPO ones.
 
-    ``gradient_checkpointing`` is off and ``bf16`` follows our ``dtype`` (TRL's defaults are on / on):
+    ``gradient_checkpointing`` and ``bf16`` follow our config (TRL's defaults are on / on):
     the same config must mean the same compute in both engines.
     """
     from dpolab.dpo.trainer import training_argument_kwargs
@@ -91,10 +91,11 @@ def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **o
     kwargs = training_argument_kwargs(config, run, device, dtype)
     kwargs.update(
         beta=config.beta,
-        loss_type=[config.loss_type],
+        # TRL 1.16 has no rpo_alpha argument: RPO is its "sft" loss added with weight alpha.
+        loss_type=[config.loss_type, "sft"] if config.rpo_alpha else [config.loss_type],
+        loss_weights=[1.0, config.rpo_alpha] if config.rpo_alpha else None,
         max_length=config.max_length,
         precompute_ref_log_probs=False,
-        gradient_checkpointing=False,
         disable_dropout=True,
     )
     kwargs.update(overrides)
