@@ -96,6 +96,21 @@ class TrainConfig:
     run_name: str | None = field(default=None, metadata=_doc(
         "(str | None, None): display name for trackers; defaults to the run folder name."))
 
+    # -- memory: LoRA / QLoRA adapters (PEFT) -----------------------------------------------
+    lora_r: int = field(default=0, metadata=_doc(
+        "(int, 0): LoRA rank; > 0 trains low-rank adapters (PEFT) instead of every weight. 0 = full "
+        "fine-tuning. The run's model/ holds the merged model, adapter/ the adapter alone."))
+    lora_alpha: float = field(default=16.0, metadata=_doc(
+        "(float, 16.0): LoRA scaling numerator: the update is (lora_alpha / lora_r) * B @ A."))
+    lora_dropout: float = field(default=0.0, metadata=_doc(
+        "(float, 0.0): dropout on the adapter's input, in [0, 1)."))
+    lora_target_modules: list[str] = field(default_factory=list, metadata=_doc(
+        "(list[str], []): module names to adapt; [] = the architecture's default (GPT-2: c_attn, c_proj, "
+        "c_fc; Llama-style: q/k/v/o_proj, gate/up/down_proj; else every linear layer)."))
+    load_in_4bit: bool = field(default=False, metadata=_doc(
+        "(bool, False): QLoRA: load the base model in 4-bit NF4 (bitsandbytes, CUDA only) under the "
+        "LoRA adapters; needs lora_r > 0 and a Hub or folder model."))
+
     # -- hardware ---------------------------------------------------------------------------
     engine: Engine = field(default="dpolab", metadata=_doc(
         "(str, 'dpolab'): 'dpolab' (fast engine) or 'trl' (TRL's DPOTrainer on the same data)."))
@@ -149,6 +164,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0 or null, got {value!r}")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r!r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.load_in_4bit and not self.lora_r:
+            raise ConfigError("load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set lora_r > 0 too")
+        if self.lora_r and self.engine == "trl":
+            raise ConfigError("LoRA (lora_r > 0) runs on engine 'dpolab' only")
         if self.device not in ("auto", "cuda", "mps", "cpu"):
             raise ConfigError(f"device must be auto, cuda, mps or cpu, got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

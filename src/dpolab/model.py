@@ -53,16 +53,25 @@ def build_builtin(name: str) -> GPT2LMHeadModel:
     return model
 
 
-def load_model(model_name: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A causal LM from a built-in name, a local HF folder or a Hub id (``gpt2``)."""
+def load_model(model_name: str, dtype: torch.dtype | None = None, quantization_config=None) -> PreTrainedModel:
+    """A causal LM from a built-in name, a local HF folder or a Hub id (``gpt2``).
+
+    ``quantization_config``: a ``BitsAndBytesConfig`` (QLoRA's 4-bit base), Hub or folder models only.
+    """
     if model_name in BUILTIN_MODELS:
+        if quantization_config is not None:
+            from dpolab.errors import ConfigError
+
+            raise ConfigError(f"model: the built-in {model_name!r} cannot be loaded quantized; "
+                              "use a Hub id or a model folder with load_in_4bit")
         model = build_builtin(model_name)
         return model.to(dtype) if dtype is not None else model
     if Path(model_name).exists() and not (Path(model_name) / "config.json").is_file():
         from dpolab.errors import ConfigError
 
         raise ConfigError(f"model: {model_name} is a folder but has no config.json (not an HF model folder)")
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype or torch.float32,
+                                                 quantization_config=quantization_config)
     # Pad = EOS, as in load_tokenizer (GPT-2 ships without a pad token).
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id

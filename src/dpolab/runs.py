@@ -124,6 +124,7 @@ class RunFolder(_RecordFolder):
     summary_path = property(lambda self: self.path / "summary.json")
     model_dir = property(lambda self: self.path / "model")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    adapter_dir = property(lambda self: self.path / "adapter")  # LoRA runs only: the PEFT adapter
 
     @classmethod
     def is_run(cls, path: str | Path) -> bool:
@@ -147,6 +148,9 @@ class RunFolder(_RecordFolder):
 
     def has_model(self) -> bool:
         return (self.model_dir / "config.json").is_file()
+
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file()
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, row)

@@ -29,6 +29,7 @@ from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_fo
 from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.reference import add_reference_logps
 from dpolab.errors import ConfigError
+from dpolab.lora import add_adapters, quantization_config, save_final_model, uses_lora
 from dpolab.model import (
     disable_dropout,
     load_model,
@@ -236,7 +237,7 @@ def load_prepared(config: TrainConfig):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model)
+    model = load_model(config.model, quantization_config=quantization_config(config, device))
     disable_dropout(model)
     use_fused_gelu(model)
     datasets, report, data_key = prepare_data(config, tokenizer)
@@ -245,6 +246,8 @@ def load_prepared(config: TrainConfig):
     datasets, reference_info = add_reference_logps(
         model, datasets, data_key, Path(config.cache_dir or default_cache_dir()), tokenizer.pad_token_id,
         batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size)
+    if uses_lora(config):  # after the reference pass: it scored the base model, adapters are a no-op on it
+        model = add_adapters(model, config)
     return tokenizer, model, datasets, report, reference_info, device, dtype
 
 
@@ -298,7 +301,7 @@ def fit(run: RunFolder, config: TrainConfig, resume: bool,
             eval_rows = run.metrics("eval")
 
     if trainer.is_world_process_zero():
-        trainer.save_model(str(run.model_dir))
+        save_final_model(trainer, run, config.model)
         tokenizer.save_pretrained(str(run.model_dir))
         write_summary(run, trainer, recorder, eval_rows[-1], reference_info, wall_time, datasets)
     trainer.accelerator.wait_for_everyone()

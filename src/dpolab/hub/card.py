@@ -101,18 +101,18 @@ def eval_results(run: RunFolder) -> tuple[list[EvalResult], dict[str, float]]:
     return results, values
 
 
-def card_data(run: RunFolder) -> ModelCardData:
+def card_data(run: RunFolder, adapter_only: bool = False) -> ModelCardData:
     info = run.info()
     base, dataset = info.get("base_model", ""), info.get("dataset", "")
     results, _ = eval_results(run)
     return ModelCardData(
         language="en",
         license="mit",
-        library_name="transformers",
+        library_name="peft" if adapter_only else "transformers",
         # Only a real Hub id: the Hub links base_model to that repo, and a built-in is not one.
         base_model=base if is_hub_model_id(base) else None,
         datasets=[HH_RLHF] if dataset in HH_RLHF_SOURCES else None,
-        tags=TAGS,
+        tags=[*TAGS, "lora", "peft"] if adapter_only else TAGS,
         pipeline_tag="text-generation",
         model_name=info.get("name", run.path.name),
         eval_results=results or None,
@@ -171,7 +171,23 @@ def _sweep_table(sweep: SweepFolder) -> str:
     return "\n".join(rows)
 
 
-def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_id: str | None) -> str:
+def _lora_text(config: dict[str, Any], base: str, adapter_only: bool, model_ref: str) -> list[str]:
+    """How the LoRA run trained, and for an adapter-only export how to load it onto its base."""
+    targets = ", ".join(config.get("lora_target_modules") or []) or "the architecture's default modules"
+    out = [f"Parameter-efficient: LoRA adapters (rank {config['lora_r']}, alpha {_fmt(config.get('lora_alpha'))}, "
+           f"on {targets}) trained on the frozen base model" +
+           (" loaded in 4-bit NF4 (QLoRA)." if config.get("load_in_4bit") else "."), ""]
+    if adapter_only:
+        out += [f"**This repository holds the LoRA adapter only**, not full weights: apply it to the base "
+                f"model `{base}` (the base named in `adapter_config.json`):", "", "```python",
+                "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+                f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                f'model = PeftModel.from_pretrained(base, "{model_ref}")', "```", ""]
+    return out
+
+
+def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_id: str | None,
+              adapter_only: bool = False) -> str:
     info, config, summary = run.info(), run.config(), run.summary()
     report = _optional(run.data_report)
     name = info.get("name", run.path.name)
@@ -211,6 +227,8 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
             f"{_fmt(config.get('beta'))}: the policy is trained directly on preference pairs, with the frozen "
             "base model as the reference; no reward model and no RL loop. The loss is computed on answer "
             "tokens only.", ""]
+    if config.get("lora_r"):
+        out += _lora_text(config, info.get("base_model", ""), adapter_only, model_ref)
     out += _dataset_text(info, report)
     out += ["", "### Hyperparameters", "", "| hyperparameter | value |", "|---|---|"]
     out += [f"| {label} | {_fmt(config[key])} |" for key, label in HYPERPARAMETERS if key in config]
@@ -263,10 +281,10 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
 
 
 def build_card(run: RunFolder, sweep: SweepFolder | None = None, plots: list[str] | None = None,
-               repo_id: str | None = None) -> ModelCard:
+               repo_id: str | None = None, adapter_only: bool = False) -> ModelCard:
     """The card for ``run``; ``plots`` are paths relative to the export folder; ``repo_id`` only
-    fills the usage snippets."""
-    data = card_data(run)
+    fills the usage snippets; ``adapter_only``: the export holds a LoRA adapter, not full weights."""
+    data = card_data(run, adapter_only)
     # to_yaml keeps ModelCardData's fixed field order: the metadata block is the same every time.
-    content = f"---\n{data.to_yaml()}\n---\n\n{card_body(run, sweep, plots or [], repo_id)}"
+    content = f"---\n{data.to_yaml()}\n---\n\n{card_body(run, sweep, plots or [], repo_id, adapter_only)}"
     return ModelCard(content)
