@@ -33,10 +33,14 @@ class TrainConfig:
     # -- what to train on -------------------------------------------------------------------
     model: str = field(default="tiny-gpt2", metadata=_doc(
         "(str, 'tiny-gpt2'): Hub id (e.g. 'gpt2'), a local HF model folder, or a built-in name "
-        "('tiny-gpt2', 'gpt2-124m-random'). It is also the frozen reference model."))
+        "('tiny-gpt2', 'gpt2-124m-random'), or a dpolab run / sweep folder (its final / best model, e.g. an "
+        "SFT run). It is also the frozen reference model unless ref_model is set."))
     dataset: str = field(default="hh-rlhf-sample", metadata=_doc(
         "(str, 'hh-rlhf-sample'): 'hh-rlhf-sample' (bundled real HH-RLHF harmless-base test split), "
         "a local *.jsonl / *.jsonl.gz file or folder of them, or the Hub id 'Anthropic/hh-rlhf'."))
+    ref_model: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): the frozen DPO reference when it is not the starting model: Hub id, HF "
+        "folder, built-in name, or a dpolab run / sweep folder (its final / best model)."))
     data_dir: str | None = field(default=None, metadata=_doc(
         "(str | None, None): subset of the Hub dataset, e.g. 'harmless-base' or 'helpful-base'."))
     eval_fraction: float = field(default=0.1, metadata=_doc(

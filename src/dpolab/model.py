@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from importlib import resources
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from dpolab.runs import RunFolder, SweepFolder, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +35,18 @@ def tokenizer_dir() -> Path:
     return Path(str(resources.files("dpolab") / "resources" / "gpt2-tokenizer"))
 
 
+def model_source(model_name: str) -> str:
+    """What ``from_pretrained`` should read: a dpolab run or sweep folder means its final (best) model,
+    so ``--model runs/sft`` starts from an SFT run; anything else is returned as given."""
+    if RunFolder.is_run(model_name) or SweepFolder.is_sweep(model_name):
+        return str(resolve_model_dir(model_name))
+    return model_name
+
+
 def load_tokenizer(model_name: str):
     """Tokenizer for ``model_name``. GPT-2 has no pad token: reuse EOS as pad rather than growing
     the vocabulary (padding positions are masked out everywhere, so the id never matters)."""
-    source = str(tokenizer_dir()) if model_name in BUILTIN_MODELS else model_name
+    source = str(tokenizer_dir()) if model_name in BUILTIN_MODELS else model_source(model_name)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -66,12 +77,15 @@ def load_model(model_name: str, dtype: torch.dtype | None = None, quantization_c
                               "use a Hub id or a model folder with load_in_4bit")
         model = build_builtin(model_name)
         return model.to(dtype) if dtype is not None else model
+    model_name = model_source(model_name)
     if Path(model_name).exists() and not (Path(model_name) / "config.json").is_file():
         from dpolab.errors import ConfigError
 
         raise ConfigError(f"model: {model_name} is a folder but has no config.json (not an HF model folder)")
+    # A 4-bit model is quantized while loading, onto this process's GPU (bitsandbytes needs CUDA).
+    placement = {"device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}} if quantization_config else {}
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype or torch.float32,
-                                                 quantization_config=quantization_config)
+                                                 quantization_config=quantization_config, **placement)
     # Pad = EOS, as in load_tokenizer (GPT-2 ships without a pad token).
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id

@@ -27,7 +27,7 @@ from dpolab.config import TrainConfig, save_config
 from dpolab.data import default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
-from dpolab.dpo.reference import add_reference_logps
+from dpolab.dpo.reference import add_reference_logps, load_reference
 from dpolab.errors import ConfigError
 from dpolab.lora import add_adapters, quantization_config, save_final_model, uses_lora
 from dpolab.model import (
@@ -242,10 +242,15 @@ def load_prepared(config: TrainConfig):
     use_fused_gelu(model)
     datasets, report, data_key = prepare_data(config, tokenizer)
     # Under torchrun / accelerate launch each process scores the reference on its own GPU.
-    model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device)
+    target = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed by from_pretrained
+        model.to(target)
+    # The reference only lives for its one pass (or not at all on a cache hit's key check).
+    reference = load_reference(config.ref_model, model, target) if config.ref_model else model
     datasets, reference_info = add_reference_logps(
-        model, datasets, data_key, Path(config.cache_dir or default_cache_dir()), tokenizer.pad_token_id,
+        reference, datasets, data_key, Path(config.cache_dir or default_cache_dir()), tokenizer.pad_token_id,
         batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size)
+    del reference
     if uses_lora(config):  # after the reference pass: it scored the base model, adapters are a no-op on it
         model = add_adapters(model, config)
     return tokenizer, model, datasets, report, reference_info, device, dtype

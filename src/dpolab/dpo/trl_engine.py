@@ -121,7 +121,7 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model)
-    model, reference = load_model(config.model), load_model(config.model)
+    model, reference = load_model(config.model), load_model(config.ref_model or config.model)
     for m in (model, reference):
         disable_dropout(m)
     datasets, report, _ = prepare_data(config, tokenizer)
