@@ -91,6 +91,11 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata=_doc("(int, 10): optimizer steps between train logs."))
     eval_steps: int | None = field(default=None, metadata=_doc(
         "(int | None, None): optimizer steps between evaluations; None evaluates once per epoch."))
+    sample_prompts: int = field(default=0, metadata=_doc(
+        "(int, 0): at every evaluation the policy answers this many fixed held-out prompts (seeded); "
+        "rows go to samples.jsonl and each tracker's table. 0 = off."))
+    sample_max_new_tokens: int = field(default=48, metadata=_doc(
+        "(int, 48): length limit of each sampled answer."))
     save_steps: int | None = field(default=None, metadata=_doc(
         "(int | None, None): optimizer steps between checkpoints (for --resume); None saves per epoch."))
     save_total_limit: int = field(default=2, metadata=_doc("(int, 2): checkpoints kept on disk."))
@@ -139,7 +144,7 @@ class TrainConfig:
         """Raise :class:`ConfigError` naming the first bad field."""
         positive = ["max_length", "max_prompt_length", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-                    "logps_chunk_size"]
+                    "logps_chunk_size", "sample_max_new_tokens"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -164,6 +169,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+        if self.sample_prompts < 0:
+            raise ConfigError(f"sample_prompts must be >= 0, got {self.sample_prompts!r}")
         for name in ("eval_steps", "save_steps", "max_train_pairs", "max_eval_pairs"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -125,6 +125,7 @@ class RunFolder(_RecordFolder):
     model_dir = property(lambda self: self.path / "model")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")  # LoRA runs only: the PEFT adapter
+    samples_path = property(lambda self: self.path / "samples.jsonl")  # only with sample_prompts > 0
 
     @classmethod
     def is_run(cls, path: str | Path) -> bool:
@@ -157,6 +158,17 @@ class RunFolder(_RecordFolder):
 
     def append_system(self, row: dict[str, Any]) -> None:
         append_jsonl(self.system_path, row)
+
+    def samples(self, step: int | None = None) -> list[dict[str, Any]]:
+        """Sample rows (all, or one evaluation's); ``step=-1``: the latest evaluation's."""
+        rows = read_jsonl(self.samples_path)
+        if step == -1 and rows:
+            step = rows[-1]["step"]
+        return [r for r in rows if step is None or r["step"] == step]
+
+    def append_samples(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            append_jsonl(self.samples_path, row)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary_path, {"format": RUN_FORMAT, **summary})

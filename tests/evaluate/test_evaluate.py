@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from dpolab.evaluate.generation import cut_answer, wilson_interval, win_rate
+from dpolab.evaluate.generation import wilson_interval, win_rate
+from dpolab.generate import cut_answer
 from dpolab.runs import RunFolder, read_jsonl
 
 

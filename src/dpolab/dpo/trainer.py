@@ -28,6 +28,7 @@ from dpolab.data import default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.reference import add_reference_logps, load_reference
+from dpolab.dpo.samples import sample_callbacks
 from dpolab.errors import ConfigError
 from dpolab.lora import add_adapters, quantization_config, save_final_model, uses_lora
 from dpolab.model import (
@@ -275,7 +276,9 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
             model=model, args=training_arguments(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"],
             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-            callbacks=trainer_callbacks, dpo_config=config, system_sampler=sampler)
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, tokenizer, datasets["eval"],
+                                                             reference_info["reference_key"], config.beta)],
+            dpo_config=config, system_sampler=sampler)
 
     return fit(run, config, resume, make_trainer, tokenizer, datasets, reference_info, callbacks)
 
