@@ -153,8 +153,25 @@ class RunFolder(_RecordFolder):
     def has_adapter(self) -> bool:
         return (self.adapter_dir / "adapter_config.json").is_file()
 
+    def is_finished(self) -> bool:
+        """``summary.json`` is written last: its presence means training finished."""
+        return self.summary_path.is_file()
+
+    def checkpoints(self) -> list[Path]:
+        """Trainer's ``checkpoint-STEP`` folders, newest (highest step) first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, row)
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` (a resume drops the rows logged after its checkpoint)."""
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
 
     def append_system(self, row: dict[str, Any]) -> None:
         append_jsonl(self.system_path, row)

@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from dpolab.config import TrainConfig
+from dpolab.data import prepare_data
+from dpolab.dpo.samples import sample_callbacks
 from dpolab.errors import ConfigError
+from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_argument_kwargs
+from dpolab.model import disable_dropout, load_model, load_tokenizer
 from dpolab.runs import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -82,8 +86,6 @@ def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **o
     ``gradient_checkpointing`` and ``bf16`` follow our config (TRL's defaults are on / on):
     the same config must mean the same compute in both engines.
     """
-    from dpolab.dpo.trainer import training_argument_kwargs
-
     trl = import_trl()
     if config.label_smoothing:
         raise ConfigError("engine 'trl': label_smoothing (cDPO) is not part of TRL 1.16's 'sigmoid' loss; "
@@ -109,17 +111,8 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     ``callbacks``: extra ``TrainerCallback``s, as :func:`dpolab.dpo.trainer.train` takes them.
     """
     import_trl()  # fail before any work when TRL is missing
-    import torch
-
-    from dpolab.data import prepare_data
-    from dpolab.dpo.trainer import fit, prepare_run
-    from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device, resolve_dtype
-
     run = prepare_run(config, output_dir, resume, engine="trl")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device, dtype = resolve_hardware(config)
     tokenizer = load_tokenizer(config.model)
     model, reference = load_model(config.model), load_model(config.ref_model or config.model)
     for m in (model, reference):
@@ -132,8 +125,10 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         return trainer_class(
             model=model, ref_model=reference, args=dpo_config(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"], processing_class=tokenizer,
-            callbacks=trainer_callbacks, system_sampler=sampler)
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, tokenizer, datasets["eval"], None, config.beta)],
+            system_sampler=sampler)
 
     # TRL scores the reference inside every step: no separate pass, no cache.
     reference_info = {"reference_cache": "none", "reference_time_s": 0.0, "reference_key": None}
-    return fit(run, config, resume, make_trainer, tokenizer, datasets, reference_info, callbacks)
+    return fit(run, config, make_trainer, tokenizer=tokenizer, datasets=datasets, resume=resume,
+               summary_extra=reference_info, callbacks=callbacks)

@@ -123,7 +123,7 @@ def fill_caches(config: SweepConfig) -> list[dict[str, Any]]:
         if key in seen:
             continue
         start = time.perf_counter()
-        *_, reference_info, _, _ = load_prepared(train_config)
+        reference_info = load_prepared(train_config).reference_info
         gc.collect()
         seen[key] = {**reference_info, "model": train_config.model, "dataset": train_config.dataset,
                      "prepare_time_s": round(time.perf_counter() - start, 3)}

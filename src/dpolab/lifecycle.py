@@ -1,0 +1,270 @@
+"""The run lifecycle every ``transformers.Trainer``-based stage shares: the DPO engines (dpolab's
+and TRL's) and any later training stage (SFT). A stage brings its own ``Trainer`` subclass and
+data; this module does the rest:
+
+    prepare_run()        create the run folder (or check it can be resumed): run.json, config.yaml
+    training_arguments() our config as ``TrainingArguments`` (one mapping for every engine)
+    fit()                resume, records, trackers, ``Trainer.train``, the final evaluation,
+                         the saved model and ``summary.json``
+
+It depends only on the layers below the stages (config, runs, tracking, model), so stages import
+it and it imports no stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import dpolab
+from dpolab.config import TrainConfig, save_config
+from dpolab.errors import ConfigError
+from dpolab.lora import save_final_model
+from dpolab.model import resolve_device, resolve_dtype
+from dpolab.runs import RunFolder
+from dpolab.tracking import SystemSampler, tracker_session
+
+logger = logging.getLogger(__name__)
+
+# make_trainer(callbacks, system_sampler) -> a ready Trainer on the stage's model and data.
+MakeTrainer = Callable[[list[TrainerCallback], SystemSampler], Trainer]
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate at the last optimizer step inside the training loop, so trackers (MLflow closes its
+    run when training ends) and the sweep's pruner see the final evaluation. With per-epoch
+    evaluation the last epoch's end already does it; a run cut mid-epoch by max_steps is
+    evaluated by :func:`fit` afterwards."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == "steps" and state.global_step >= state.max_steps > 0:
+            control.should_evaluate = True
+        return control
+
+
+class LogAtCheckpoints(TrainerCallback):
+    """Log a train row at every checkpoint and at the last step, so the train rows of
+    ``metrics.jsonl`` cover every step exactly once, also across a resume (the loss of steps
+    between the last log and a checkpoint would otherwise be lost with the killed process).
+    :func:`train_loss` averages them into the summary's train loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_training_stop:
+            control.should_log = True
+        return control
+
+    on_epoch_end = on_step_end
+
+
+class AlreadyFinished(Exception):
+    """Raised by :class:`StopIfFinished` out of ``Trainer.train`` (caught by :func:`fit`)."""
+
+
+class StopIfFinished(TrainerCallback):
+    """A resume from the checkpoint of the last step must not train: ``Trainer`` takes one more
+    step before it checks ``max_steps`` (a kill during the final model save left that checkpoint).
+    ``on_train_begin`` runs after Trainer restored weights and state from the checkpoint, under
+    every launcher, so stopping there leaves the trained model in place."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AlreadyFinished()
+        return control
+
+
+class RunRecorder(TrainerCallback):
+    """Appends every train log and evaluation to the run folder's ``metrics.jsonl``."""
+
+    def __init__(self, run: RunFolder) -> None:
+        self.run = run
+        self.start = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            return  # train_runtime: Trainer's end-of-training summary, not a step log
+        is_eval = any(k.startswith("eval_") for k in logs)
+        row: dict[str, Any] = {"split": "eval" if is_eval else "train", "step": state.global_step,
+                               "epoch": round(state.epoch or 0.0, 4), "time_s": round(time.monotonic() - self.start, 3)}
+        for key, value in logs.items():
+            key = key.removeprefix("eval_")
+            if key.startswith("system/") or key in ("runtime", "samples_per_second", "steps_per_second", "epoch"):
+                continue
+            row[key] = value
+        self.run.append_metrics(row)
+
+
+def resolve_hardware(config: TrainConfig) -> tuple[str, str]:
+    """Apply ``num_threads`` and return the (device, dtype) names the run uses."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    return device, resolve_dtype(config.dtype, device)
+
+
+def training_arguments(config: TrainConfig, run: RunFolder, device: str, dtype: str) -> TrainingArguments:
+    """Map our config onto ``TrainingArguments`` (one place, so every engine uses the same)."""
+    return TrainingArguments(**training_argument_kwargs(config, run, device, dtype))
+
+
+def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, dtype: str) -> dict[str, Any]:
+    """The ``TrainingArguments`` fields of our config; subclasses (TRL's ``DPOConfig``) take them too."""
+    return dict(
+        output_dir=str(run.checkpoints_dir),
+        run_name=config.run_name or run.path.name,
+        project="dpolab",  # Trackio's project (W&B's comes from WANDB_PROJECT, see tracking.py)
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if config.eval_steps else "epoch",
+        eval_steps=config.eval_steps,
+        save_strategy="steps" if config.save_steps else "epoch",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=config.report_to or "none",
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        length_column_name="length",
+        use_cpu=device == "cpu",
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        dataloader_num_workers=0,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA).
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engine: str) -> RunFolder:
+    """Create the run folder (or check it can be resumed) and write run.json + config.yaml.
+
+    ``engine`` is what trains it (``config.engine`` for DPO), recorded in run.json.
+    """
+    output_dir = Path(output_dir)
+    if RunFolder.is_run(output_dir) and not resume:
+        if RunFolder(output_dir).is_finished():
+            raise ConfigError(f"{output_dir}: a finished run is already there; choose another --output-dir")
+        if last_complete_checkpoint(RunFolder(output_dir)):
+            raise ConfigError(f"{output_dir}: an unfinished run with checkpoints is there; add --resume to continue it")
+    run = RunFolder.create(output_dir, {
+        "engine": engine, "base_model": config.model, "dataset": config.dataset,
+        "data_dir": config.data_dir, "dpolab_version": dpolab.__version__})
+    save_config(config, run.config_path)
+    return run
+
+
+def last_complete_checkpoint(run: RunFolder) -> str | None:
+    """Newest checkpoint that was fully written. Trainer writes ``trainer_state.json`` last, so a
+    run killed while saving leaves a newer folder without it (or with a torn one): skip those."""
+    for checkpoint in run.checkpoints():
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            logger.warning("ignoring incomplete checkpoint %s (killed while saving?)", checkpoint)
+            continue
+        return str(checkpoint)
+    return None
+
+
+def drop_metrics_after(run: RunFolder, step: int) -> None:
+    """On resume, forget rows logged after the checkpoint: they will be logged again."""
+    run.rewrite_metrics([r for r in run.metrics() if r["step"] <= step])
+
+
+def train_loss(train_rows: list[dict[str, Any]]) -> float | None:
+    """Mean loss over every optimizer step: each train row's loss is the mean over the steps since
+    the previous row (see :class:`LogAtCheckpoints`), so weight it by that count."""
+    total, previous_step = 0.0, 0
+    for row in train_rows:
+        total += row["loss"] * (row["step"] - previous_step)
+        previous_step = row["step"]
+    return total / previous_step if previous_step else None
+
+
+def fit(run: RunFolder, config: TrainConfig, make_trainer: MakeTrainer, *, tokenizer: Any,
+        datasets: Any, resume: bool, summary_extra: dict[str, Any] | None = None,
+        callbacks: list[TrainerCallback] | None = None) -> RunFolder:
+    """Train and finish the run folder: resume from the last complete checkpoint, record metrics
+    and system samples, run the trackers, evaluate at the end, save model + tokenizer, and write
+    ``summary.json`` (``summary_extra`` adds stage keys, e.g. the reference pass).
+
+    ``callbacks`` are extra ``TrainerCallback``s (the sweep's pruning callback).
+    """
+    last_checkpoint = last_complete_checkpoint(run) if resume else None
+    if last_checkpoint:
+        step = int(Path(last_checkpoint).name.split("-")[-1])
+        logger.info("resuming from %s (step %d)", last_checkpoint, step)
+        drop_metrics_after(run, step)
+    else:
+        run.rewrite_metrics([])
+
+    with tracker_session(config.report_to, run.path), SystemSampler(run) as sampler:
+        trainer = make_trainer([StopIfFinished(), RunRecorder(run), LogAtCheckpoints(), EvaluateAtEnd(),
+                                *(callbacks or [])], sampler)
+        start = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=last_checkpoint)
+        except AlreadyFinished:
+            logger.info("%s is the last step's checkpoint: nothing left to train", last_checkpoint)
+            trainer.is_in_train = False
+        wall_time = time.perf_counter() - start
+        eval_rows = run.metrics("eval")
+        if not eval_rows or eval_rows[-1]["step"] != trainer.state.global_step:
+            trainer.evaluate()
+            eval_rows = run.metrics("eval")
+
+    if trainer.is_world_process_zero():
+        save_final_model(trainer, run, config.model)
+        tokenizer.save_pretrained(str(run.model_dir))
+        write_summary(run, trainer, eval_rows[-1], wall_time, datasets, summary_extra or {})
+    trainer.accelerator.wait_for_everyone()
+    logger.info("run finished: %s", run.path)
+    return run
+
+
+def write_summary(run: RunFolder, trainer: Trainer, final_eval: dict[str, Any], wall_time: float,
+                  datasets: Any, extra: dict[str, Any]) -> None:
+    # pairs_seen / tokens_seen: counted by the stage's Trainer in this process (this session only).
+    pairs = getattr(trainer, "pairs_seen", 0) * trainer.args.world_size
+    tokens = getattr(trainer, "tokens_seen", 0) * trainer.args.world_size
+    eval_metrics = {k: v for k, v in final_eval.items() if k not in ("split", "time_s")}
+    run.write_summary({
+        "train": {"loss": train_loss(run.metrics("train")), "steps": trainer.state.global_step,
+                  "epochs": round(trainer.state.epoch or 0.0, 4)},
+        "eval": eval_metrics,
+        "wall_time_s": round(wall_time, 3),
+        **extra,
+        "train_pairs": len(datasets["train"]),
+        "eval_pairs": len(datasets["eval"]),
+        "pairs_per_s": round(pairs / wall_time, 3) if pairs else None,
+        "tokens_per_s": round(tokens / wall_time, 1) if tokens else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    })
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
+    if os.name != "posix":  # no getrusage there: the current RSS is the best we have
+        return psutil.Process().memory_info().rss / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
