@@ -1,18 +1,52 @@
+import dataclasses
+
 import pytest
 
-from dpolab.config import TrainConfig, load_config, parse_overrides
+from dpolab.cli import main
+from dpolab.config import TrainConfig, load_config
 from dpolab.errors import ConfigError
 
 
-def test_yaml_and_overrides_are_coerced_to_field_types(tmp_path):
+def test_yaml_values_and_command_line_overrides(tmp_path, monkeypatch, capsys):
+    import dpolab.dpo.trainer as trainer
+
     path = tmp_path / "c.yaml"
-    path.write_text("model: tiny-gpt2\nlearning_rate: 1.0e-4\nreport_to: [mlflow]\n")
-    config = load_config(path, parse_overrides(["--beta", "0.25", "--loss-type=ipo", "--max_steps", "7",
-                                               "--eval-steps", "null", "--skip-bad-rows", "true"]))
-    assert config.learning_rate == 1e-4
-    assert config.beta == 0.25 and config.loss_type == "ipo" and config.max_steps == 7
-    assert config.eval_steps is None and config.skip_bad_rows is True
-    assert config.report_to == ["mlflow"]
+    path.write_text("model: tiny-gpt2\nlearning_rate: 5e-5\nreport_to: [mlflow]\nbeta: 0.5\nmax_steps: 3\n")
+    seen = []
+    monkeypatch.setattr(trainer, "train", lambda config, output_dir, resume: seen.append(config) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # stop right after the config was built
+        main(["train", "--config", str(path), "--beta", "0.25", "--loss-type=ipo", "--max_steps", "7",
+              "--skip-bad-rows", "--group-by-length", "false", "--report-to", "wandb,tensorboard"])
+    (config,) = seen
+    assert config.learning_rate == 5e-5  # YAML 1.1 reads 5e-5 as a string: still a float here
+    assert config.beta == 0.25 and config.loss_type == "ipo" and config.max_steps == 7  # command line wins
+    assert config.skip_bad_rows is True and config.group_by_length is False
+    assert config.report_to == ["wandb", "tensorboard"]
+
+
+def test_help_lists_every_field_with_type_default_and_meaning(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # without the line wrapping
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{field.name}" in text, field.name
+        assert "".join(field.metadata["help"].split()) in text, field.name
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--bta", "0.2"], "command line: unknown key 'bta' (did you mean 'beta'?)"),
+    (["--beta", "x"], "argument --beta: invalid float value: 'x'"),
+    (["--num-train-epochs", "true"], "invalid float value: 'true'"),
+    (["--loss-type", "kto"], "invalid choice: 'kto'"),
+])
+def test_bad_command_line_is_one_line_and_exit_2(argv, message, capsys):
+    try:
+        code = main(["train", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dpolab train: error: ") and message in err, err
 
 
 def test_unknown_key_fails_with_the_key_named(tmp_path):
@@ -22,13 +56,26 @@ def test_unknown_key_fails_with_the_key_named(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(("yaml_line", "message"), [
+    ("num_train_epochs: true", "num_train_epochs must be float, got True"),  # a bool is not a number
+    ("max_steps: 2.5", "max_steps must be int, got 2.5"),
+    ("per_device_train_batch_size: two", "per_device_train_batch_size must be int"),
+    ("skip_bad_rows: 1", "skip_bad_rows must be bool, got 1"),
+    ("report_to: [1]", "report_to must be a list of strings"),
+])
+def test_yaml_values_of_the_wrong_type_fail_naming_file_and_field(tmp_path, yaml_line, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_line + "\n")
+    with pytest.raises(ConfigError, match=rf"c.yaml: {message}"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("beta", "-1", "beta must be > 0"),
+    ("beta", -1.0, "beta must be > 0"),
     ("loss_type", "kto", "loss_type must be one of"),
-    ("max_prompt_length", "600", "max_prompt_length .* must be smaller than max_length"),
-    ("per_device_train_batch_size", "two", "per_device_train_batch_size must be int"),
-    ("report_to", "neptune", "unknown tracker 'neptune'"),
-    ("label_smoothing", "0.5", r"label_smoothing must be in \[0, 0.5\)"),
+    ("max_prompt_length", 600, "max_prompt_length .* must be smaller than max_length"),
+    ("report_to", ["neptune"], "unknown tracker 'neptune'"),
+    ("label_smoothing", 0.5, r"label_smoothing must be in \[0, 0.5\)"),
 ])
 def test_bad_values_fail_at_start(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -36,12 +83,5 @@ def test_bad_values_fail_at_start(key, value, message):
 
 
 def test_every_field_is_documented():
-    import dataclasses
-
     for field in dataclasses.fields(TrainConfig):
         assert field.metadata.get("help", "").startswith("("), field.name
-
-
-def test_override_without_value_is_an_error():
-    with pytest.raises(ConfigError, match="--beta needs a value"):
-        parse_overrides(["--beta"])

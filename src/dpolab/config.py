@@ -203,10 +203,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build a config, coercing YAML/CLI values to each field's type. Unknown keys fail."""
+        """Build a config from YAML-typed values (a config file, a sweep, a run's config.yaml),
+        checking each against its field's type. Unknown keys fail."""
+        return cls(**cls.typed_values(values, source))
+
+    @classmethod
+    def typed_values(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
+        """``values`` with each checked against its field's type (``source`` names them in errors)."""
         cls.check_keys(values, source)
         hints = typing.get_type_hints(cls)
-        return cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
+        return {key: _check_type(key, value, hints[key], source) for key, value in values.items()}
 
     @classmethod
     def check_keys(cls, values: dict[str, Any], source: str) -> None:
@@ -214,50 +220,44 @@ class TrainConfig:
         known = cls.field_names()
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+                raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(key, known)}")
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
-    """Convert ``value`` (from YAML or a CLI string) to the annotated type of field ``key``."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or nothing."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(key: str, value: Any, hint: Any, source: str) -> Any:
+    """``value`` if YAML typed it as field ``key`` declares (an int is a float; a bool is no number),
+    else a one-line :class:`ConfigError`. Command-line values are converted by argparse instead
+    (:func:`dpolab.dpo.cli` builds the parser from these fields)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_null and type(None) in args:
+        if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], source)
+        return _check_type(key, value, next(a for a in args if a is not type(None)), source)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
         return value
     if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v and v != "none"]
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        return [str(v) for v in value]
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                lowered = value.lower()
-                if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return lowered in ("true", "1", "yes")
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if hint is float:
+        if isinstance(value, str):  # `report_to: wandb,mlflow` reads as well as a YAML list
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {key} must be a list of strings, got {value!r}")
+        return value
+    if hint is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, which reads `5e-5` (no dot) as a string.
+        try:
             return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}") from None
-    return value
+        except ValueError:
+            pass
+    accepted = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}[hint]
+    if isinstance(value, bool) is not (hint is bool) or not isinstance(value, accepted):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -274,34 +274,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_overrides(tokens: list[str]) -> dict[str, str]:
-    """Turn ``['--beta', '0.2', '--loss-type=ipo']`` into ``{'beta': '0.2', 'loss_type': 'ipo'}``."""
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"command line: expected --key value, got {token!r}")
-        key = token[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(tokens):
-                raise ConfigError(f"command line: --{key} needs a value")
-            value = tokens[i + 1]
-            i += 2
-        overrides[key.replace("-", "_")] = value
-    return overrides
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """YAML file (optional) + overrides -> validated :class:`TrainConfig`."""
-    values: dict[str, Any] = read_yaml(path) if path else {}
-    TrainConfig.check_keys(values, source=str(path))
-    TrainConfig.check_keys(overrides or {}, source="command line")
-    values.update(overrides or {})
-    return TrainConfig.from_dict(values, source=str(path) if path else "config")
+    """YAML file (optional) + overrides (already typed, e.g. by argparse; they win) -> validated
+    :class:`TrainConfig`."""
+    values = TrainConfig.typed_values(read_yaml(path), str(path)) if path else {}
+    values.update(TrainConfig.typed_values(overrides or {}, "command line"))
+    return TrainConfig(**values)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

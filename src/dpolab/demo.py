@@ -11,6 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
+from dpolab.paths import user_path
+
 DEFAULT_CONFIG = Path("configs/sweep-demo.yaml")
 
 
@@ -19,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="run the whole pipeline on the bundled sample (CPU, minutes)",
         description="Sweep three tiny-gpt2 DPO configurations on the bundled HH-RLHF sample, pick the "
         "best by held-out eval loss, and write the report.")
-    demo.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: %(default)s)")
-    demo.add_argument("--output-dir", default="runs/demo", help="sweep folder (default: %(default)s)")
+    demo.add_argument("--config", type=user_path, default=str(DEFAULT_CONFIG), help="sweep YAML (default: %(default)s)")
+    demo.add_argument("--output-dir", type=user_path, default="runs/demo", help="sweep folder (default: %(default)s)")
     demo.set_defaults(func=run_demo)
 
 

@@ -29,7 +29,7 @@ import dpolab
 from dpolab.config import TrainConfig, save_config
 from dpolab.errors import ConfigError
 from dpolab.lora import save_final_model
-from dpolab.model import resolve_device, resolve_dtype
+from dpolab.model import check_source, resolve_device, resolve_dtype
 from dpolab.runs import RunFolder
 from dpolab.tracking import SystemSampler, tracker_session
 
@@ -159,6 +159,7 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
 
     ``engine`` is what trains it (``config.engine`` for DPO), recorded in run.json.
     """
+    check_source(config.model)  # a model that cannot load fails before any folder is made
     output_dir = Path(output_dir)
     if RunFolder.is_run(output_dir) and not resume:
         if RunFolder(output_dir).is_finished():

@@ -7,15 +7,19 @@ through the exact same ``from_pretrained`` path when the network is there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
+from dpolab.errors import ConfigError
 from dpolab.runs import RunFolder, SweepFolder, resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,10 @@ def tokenizer_dir() -> Path:
     return Path(str(resources.files("dpolab") / "resources" / "gpt2-tokenizer"))
 
 
+# What from_pretrained raises for a folder it cannot read: missing files, torn or corrupt weights.
+UNREADABLE = (OSError, ValueError, SafetensorError)
+
+
 def model_source(model_name: str) -> str:
     """What ``from_pretrained`` should read: a dpolab run or sweep folder means its final (best) model,
     so ``--model runs/sft`` starts from an SFT run; anything else is returned as given."""
@@ -43,11 +51,63 @@ def model_source(model_name: str) -> str:
     return model_name
 
 
+def check_source(model_name: str) -> dict[str, Any]:
+    """Fail at once, in one line, for a model that cannot load; return ``from_pretrained`` kwargs.
+
+    A folder must hold ``config.json``. Anything else must be a Hub id that is in the local cache
+    (with ``HF_HUB_OFFLINE``) or that one quick request finds; without this a typo (``--model 123``)
+    spends a minute in the Hub client's network retries before a traceback.
+    """
+    if model_name in BUILTIN_MODELS:
+        return {}
+    path = Path(model_source(model_name))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model: {model_name} is not a Hugging Face model folder (no config.json)")
+        return {}
+    return {"local_files_only": True} if _hub_unreachable_but_cached(model_name) else {}
+
+
+@functools.cache
+def _hub_unreachable_but_cached(model_name: str) -> bool:
+    """Raise ConfigError for a Hub id that cannot load; True when only the local cache can serve it."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    unknown = (f"model {model_name!r}: no such local folder, not a built-in ({', '.join(BUILTIN_MODELS)})")
+    try:
+        cached = isinstance(try_to_load_from_cache(model_name, "config.json"), str)
+    except HFValidationError:
+        raise ConfigError(f"{unknown}, and not a valid Hub id") from None
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ENV_VARS_TRUE_VALUES:
+        if not cached:
+            raise ConfigError(f"{unknown}, and not in the Hub cache (HF_HUB_OFFLINE is set)")
+        return False
+    try:
+        model_info(model_name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{unknown}, and not a model on the Hub (or a private one: log in)") from None
+    except Exception as exc:  # no network, proxy, DNS: the Hub client's errors have no common base
+        if not cached:
+            raise ConfigError(f"{unknown}, and the Hub is unreachable ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        logger.warning("the Hub is unreachable; loading %s from the local cache", model_name)
+        return True
+    return False
+
+
 def load_tokenizer(model_name: str):
     """Tokenizer for ``model_name``. GPT-2 has no pad token: reuse EOS as pad rather than growing
     the vocabulary (padding positions are masked out everywhere, so the id never matters)."""
-    source = str(tokenizer_dir()) if model_name in BUILTIN_MODELS else model_source(model_name)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    if model_name in BUILTIN_MODELS:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    else:
+        kwargs = check_source(model_name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_source(model_name), **kwargs)
+        except UNREADABLE as exc:
+            raise ConfigError(f"model {model_name}: cannot load its tokenizer ({_first_line(exc)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -64,34 +124,38 @@ def build_builtin(name: str) -> GPT2LMHeadModel:
     return model
 
 
-def load_model(model_name: str, dtype: torch.dtype | None = None, quantization_config=None) -> PreTrainedModel:
-    """A causal LM from a built-in name, a local HF folder or a Hub id (``gpt2``).
+def load_model(model_name: str, dtype: torch.dtype | None = None, quantization_config: Any = None) -> PreTrainedModel:
+    """A causal LM from a built-in name, a local HF folder, a dpolab run / sweep folder or a Hub id.
 
     ``quantization_config``: a ``BitsAndBytesConfig`` (QLoRA's 4-bit base), Hub or folder models only.
     """
     if model_name in BUILTIN_MODELS:
         if quantization_config is not None:
-            from dpolab.errors import ConfigError
-
             raise ConfigError(f"model: the built-in {model_name!r} cannot be loaded quantized; "
                               "use a Hub id or a model folder with load_in_4bit")
         model = build_builtin(model_name)
         return model.to(dtype) if dtype is not None else model
-    model_name = model_source(model_name)
-    if Path(model_name).exists() and not (Path(model_name) / "config.json").is_file():
-        from dpolab.errors import ConfigError
-
-        raise ConfigError(f"model: {model_name} is a folder but has no config.json (not an HF model folder)")
-    # A 4-bit model is quantized while loading, onto this process's GPU (bitsandbytes needs CUDA).
-    placement = {"device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}} if quantization_config else {}
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype or torch.float32,
-                                                 quantization_config=quantization_config, **placement)
+    kwargs = check_source(model_name)
+    if quantization_config is not None:
+        # Quantized while loading, onto this process's GPU (bitsandbytes needs CUDA).
+        kwargs.update(quantization_config=quantization_config,
+                      device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_source(model_name), dtype=dtype or torch.float32,
+                                                     **kwargs)
+    except UNREADABLE as exc:  # a truncated safetensors file, a torn config.json, missing weights
+        raise ConfigError(f"model {model_name}: cannot load it ({_first_line(exc)})") from None
     # Pad = EOS, as in load_tokenizer (GPT-2 ships without a pad token).
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -87,6 +87,8 @@ class _RecordFolder:
     def create(cls, path: str | Path, info: dict[str, Any]) -> Self:
         """Make (or reuse, for a resume) the folder and write its identity file."""
         folder = cls(Path(path))
+        if folder.path.exists() and not folder.path.is_dir():
+            raise RunFolderError(f"{folder.path}: exists and is not a folder; choose another output folder")
         folder.path.mkdir(parents=True, exist_ok=True)
         write_json(folder.identity_path, {"format": cls.FORMAT, "name": folder.path.name, **info})
         return folder
@@ -222,12 +224,27 @@ class SweepFolder(_RecordFolder):
     def trial_dir(self, name: str) -> Path:
         return self.trials_dir / name
 
+    def trial_names(self) -> list[str]:
+        """Every trial folder (finished or not), in name order."""
+        return sorted(p.name for p in self.trials_dir.iterdir() if p.is_dir()) if self.trials_dir.is_dir() else []
+
     def trials(self) -> list[RunFolder]:
         """Trial run folders that finished (have a summary), in name order."""
-        if not self.trials_dir.is_dir():
-            return []
-        return [RunFolder(p) for p in sorted(self.trials_dir.iterdir())
-                if RunFolder.is_run(p) and (p / "summary.json").is_file()]
+        runs = [RunFolder(self.trial_dir(name)) for name in self.trial_names()]
+        return [run for run in runs if RunFolder.is_run(run.path) and run.is_finished()]
+
+    def trial_record(self, name: str) -> dict[str, Any] | None:
+        """``trials/NAME/trial.json``: how the trial ended (state, value, error), or None before it did."""
+        path = self.trial_dir(name) / "trial.json"
+        return read_json(path) if path.is_file() else None
+
+    def trial_records(self) -> list[dict[str, Any]]:
+        """Every trial's ``trial.json`` that exists, in name order."""
+        return [r for r in map(self.trial_record, self.trial_names()) if r is not None]
+
+    def write_trial_record(self, name: str, record: dict[str, Any]) -> None:
+        self.trial_dir(name).mkdir(parents=True, exist_ok=True)
+        write_json(self.trial_dir(name) / "trial.json", record)
 
     def best(self) -> dict[str, Any]:
         return read_json(self.best_json)

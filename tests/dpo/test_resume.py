@@ -1,5 +1,5 @@
-"""Crash safety: SIGKILL training after a checkpoint, resume, and end exactly where an
-uninterrupted run ends (CPU training is deterministic)."""
+"""Crash safety: SIGKILL training (after a checkpoint, or during the final model save), resume,
+and end exactly where an uninterrupted run ends (CPU training is deterministic)."""
 
 import json
 import os
@@ -9,12 +9,37 @@ import sys
 import time
 
 import pytest
+from safetensors.torch import load_file
 
 from dpolab.cli import main
 
+# logging_steps 5 and save_steps 3 do not line up: train rows must still cover every step once.
 ARGS = ["train", "--config", "configs/tiny.yaml", "--max-train-pairs", "96", "--max-eval-pairs", "16",
-        "--per-device-train-batch-size", "4", "--max-steps", "24", "--save-steps", "3", "--logging-steps", "1",
-        "--eval-steps", "12", "--seed", "3"]
+        "--per-device-train-batch-size", "4", "--max-steps", "24", "--save-steps", "3", "--logging-steps", "5",
+        "--eval-steps", "12", "--seed", "3", "--lr-scheduler-type", "constant"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+# Runs `dpolab` and SIGKILLs it right after the final model's weights are written (before the
+# tokenizer and summary.json): the checkpoint of the last step is complete, the run is not.
+KILL_IN_FINAL_SAVE = """
+import os, signal, sys
+from transformers import Trainer
+from dpolab.cli import main
+save_model = Trainer.save_model
+def save_then_die(self, output_dir=None, _internal_call=False):
+    save_model(self, output_dir, _internal_call)
+    if "checkpoint-" not in str(output_dir):
+        os.kill(os.getpid(), signal.SIGKILL)
+Trainer.save_model = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clean") / "run"
+    assert main([*ARGS, "--output-dir", str(folder)]) == 0
+    return folder
 
 
 def wait_for_step(metrics_path, step: int, process: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -29,32 +54,59 @@ def wait_for_step(metrics_path, step: int, process: subprocess.Popen, timeout_s:
     raise TimeoutError(f"step {step} never logged")
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+def assert_same_run(resumed_dir, clean_dir):
+    resumed, clean = summary(resumed_dir), summary(clean_dir)
+    assert resumed["train"]["steps"] == clean["train"]["steps"] == 24
+    # The mean over ALL 24 steps, not over the steps trained after the resume.
+    assert resumed["train"]["loss"] == pytest.approx(clean["train"]["loss"], abs=1e-9)
+    for key, value in clean["eval"].items():
+        assert resumed["eval"][key] == pytest.approx(value, abs=1e-6), key
+    assert [(r["split"], r["step"]) for r in rows(resumed_dir)] == [(r["split"], r["step"]) for r in rows(clean_dir)]
+    assert [r["loss"] for r in rows(resumed_dir)] == pytest.approx([r["loss"] for r in rows(clean_dir)], abs=1e-6)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, clean_dir):
+    killed_dir = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "dpolab.cli", *ARGS, "--output-dir", str(killed_dir)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Step 8 logged means the step-6 checkpoint was fully written (saving is synchronous).
+        # A complete row at step >= 8 is followed by the step-10 row: checkpoint-9 was written
+        # right after the step-9 row (saving is synchronous).
         wait_for_step(killed_dir / "metrics.jsonl", 8, process)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (killed_dir / "summary.json").exists()
-    assert (killed_dir / "checkpoints" / "checkpoint-6").is_dir()
+    assert (killed_dir / "checkpoints" / "checkpoint-9").is_dir()
 
     assert main([*ARGS, "--output-dir", str(killed_dir), "--resume"]) == 0
-    assert main([*ARGS, "--output-dir", str(clean_dir)]) == 0
+    assert_same_run(killed_dir, clean_dir)
+    # Train rows cover every step once: one at each log interval and each checkpoint.
+    assert [r["step"] for r in rows(clean_dir) if r["split"] == "train"] == [
+        1, 3, 5, 6, 9, 10, 12, 15, 18, 20, 21, 24]
 
-    resumed, clean = (json.loads((d / "summary.json").read_text()) for d in (killed_dir, clean_dir))
-    assert resumed["train"]["steps"] == clean["train"]["steps"] == 24
-    for key, value in clean["eval"].items():
-        assert resumed["eval"][key] == pytest.approx(value, abs=1e-6), key
 
-    def losses(folder):
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        return [(r["split"], r["step"], r["loss"]) for r in rows]
+def test_sigkill_during_the_final_save_then_resume_trains_no_step_past_max_steps(tmp_path, clean_dir):
+    killed_dir = tmp_path / "killed"
+    process = subprocess.run([sys.executable, "-c", KILL_IN_FINAL_SAVE, *ARGS, "--output-dir", str(killed_dir)],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert process.returncode == -signal.SIGKILL
+    assert (killed_dir / "checkpoints" / "checkpoint-24").is_dir()
+    assert not (killed_dir / "summary.json").exists()
 
-    assert [row[:2] for row in losses(killed_dir)] == [row[:2] for row in losses(clean_dir)]  # no duplicate rows
-    assert [row[2] for row in losses(killed_dir)] == pytest.approx([row[2] for row in losses(clean_dir)], abs=1e-6)
+    assert main([*ARGS, "--output-dir", str(killed_dir), "--resume"]) == 0
+    assert_same_run(killed_dir, clean_dir)
+    # With a constant learning rate one extra step would change every weight.
+    resumed, clean = (load_file(d / "model" / "model.safetensors") for d in (killed_dir, clean_dir))
+    assert resumed.keys() == clean.keys()
+    for name, tensor in clean.items():
+        assert resumed[name].equal(tensor), name

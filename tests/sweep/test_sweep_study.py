@@ -52,9 +52,9 @@ def test_dead_workers_are_failed_and_requeued(tmp_path):
     local.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": 2**22 + 7, "started": 0.0})
     remote.set_user_attr(WORKER_ATTR, {"host": "elsewhere", "pid": 1, "started": 0.0})
     storage.record_heartbeat(remote._trial_id)
-    assert recover_dead_workers(study, storage) == 1  # the remote one is still within its grace period
+    assert recover_dead_workers(study, storage, max_retry=2) == 1  # the remote one is still within its grace period
     time.sleep(2.2)
-    recover_dead_workers(study, storage)
+    recover_dead_workers(study, storage, max_retry=2)
     trials = study.get_trials()
     assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
     assert "died" in trials[0].user_attrs["error"]

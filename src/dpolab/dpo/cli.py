@@ -1,32 +1,67 @@
-"""``dpolab train``: one DPO run from a YAML config plus ``--key value`` overrides."""
+"""``dpolab train``: one DPO run from a YAML config plus ``--field value`` overrides.
+
+The options are generated from :class:`~dpolab.config.TrainConfig` by ``transformers``'
+``HfArgumentParser`` (type, choices and help come from each field), so ``dpolab train --help``
+lists every field and argparse converts the values. A field given on the command line wins over
+the YAML; one not given keeps the YAML's value, else the field's default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-from pathlib import Path
+from typing import Any
+
+from dpolab.config import TrainConfig
+from dpolab.paths import resolve_config_paths, user_path
 
 logger = logging.getLogger(__name__)
 
 
+def config_options() -> argparse.ArgumentParser:
+    """A parent parser with ``--field`` / ``--field-name`` for every TrainConfig field. Its defaults
+    are suppressed: only what the user typed reaches the namespace (and overrides the YAML)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainConfig, add_help=False)
+    fields = set(TrainConfig.field_names())
+    # Per action, not set_defaults(): that would also put the SUPPRESS marker into the namespace.
+    for action in parser._actions:
+        if action.dest in fields:
+            action.default = argparse.SUPPRESS
+    return parser
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
-        "train", help="train a model with DPO",
-        description="Train with DPO. Any TrainConfig field can be overridden as --key value "
-        "(e.g. --beta 0.2 --loss-type ipo --dataset data/train.jsonl.gz); see configs/*.yaml.")
-    train.add_argument("--config", help="YAML config file (configs/*.yaml)")
-    train.add_argument("--output-dir", help="run folder (default: runs/<config name or 'train'>)")
+        "train", help="train a model with DPO", parents=[config_options()], allow_abbrev=False,
+        usage="dpolab train [--config YAML] [--output-dir DIR] [--resume] [--FIELD VALUE ...]",
+        description="Train with DPO. Every TrainConfig field below can be set in the --config YAML "
+        "or here (the command line wins), e.g. --beta 0.2 --loss-type ipo --dataset data/train.jsonl.gz. "
+        "Each help reads (type, default): meaning.")
+    train.add_argument("--config", type=user_path, help="YAML config file (configs/*.yaml)")
+    train.add_argument("--output-dir", type=user_path, help="run folder (default: runs/<config name or 'train'>)")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    train.set_defaults(func=run_train, accepts_overrides=True)
+    train.set_defaults(func=run_train, known_options=[*TrainConfig.field_names(), "config", "output_dir", "resume"])
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line, as argparse typed them."""
+    overrides = {name: getattr(args, name) for name in TrainConfig.field_names() if hasattr(args, name)}
+    if "report_to" in overrides:  # `--report-to wandb,mlflow` as well as `--report-to wandb mlflow`; `none` clears
+        overrides["report_to"] = [t for v in overrides["report_to"] for t in v.split(",") if t and t != "none"]
+    return overrides
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dpolab.config import load_config, parse_overrides
+    from dpolab.config import load_config
     from dpolab.dpo.trainer import train
 
-    config = load_config(args.config, parse_overrides(args.overrides))
-    output_dir = Path(args.output_dir or Path("runs") / (Path(args.config).stem if args.config else "train"))
+    config = load_config(args.config, overrides_from(args))
+    config = dataclasses.replace(config, **resolve_config_paths(config.to_dict()))
+    output_dir = args.output_dir or user_path(f"runs/{args.config.stem if args.config else 'train'}")
     run = train(config, output_dir, resume=args.resume)
     print_run_result(run)
     return 0

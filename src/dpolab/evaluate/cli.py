@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dpolab.paths import path_or_name, user_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
@@ -12,14 +14,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "accuracy and margin, log-probs of policy vs reference), generate answers of policy and reference "
         "for N held-out prompts (seeded sampling, saved side by side), and with --judge compute win rates "
         "with 95%% intervals. Output: <run>/evaluation/.")
-    ev.add_argument("path", metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder (its best trial)")
+    ev.add_argument("path", type=user_path, metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder (its best trial)")
     ev.add_argument("--n-prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
-    ev.add_argument("--judge", metavar="MODEL", help="reward model (Hub id or folder) for win rates")
+    ev.add_argument("--judge", type=path_or_name, metavar="MODEL", help="reward model (Hub id or folder) for win rates")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--temperature", type=float, default=0.7)
     ev.add_argument("--top-p", type=float, default=0.9)
-    ev.add_argument("--output-dir", help="default: <run>/evaluation")
+    ev.add_argument("--output-dir", type=user_path, help="default: <run>/evaluation")
     ev.set_defaults(func=run_evaluate)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from dpolab.paths import user_path
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dpolab.hub.export import export
@@ -40,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="export a run (or a sweep's best trial) as a Hugging Face model folder with a model card",
         description="Write model.safetensors, config.json, generation_config.json, tokenizer files, README.md "
                     "(model card) and the sweep report's plots to OUT_DIR. Same input, byte-identical files.")
-    p.add_argument("source", metavar="RUN_OR_SWEEP_DIR", help="a run folder, or a sweep folder (exports its best trial)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty folder, or an earlier export to replace")
+    p.add_argument("source", type=user_path, metavar="RUN_OR_SWEEP_DIR", help="a run folder, or a sweep folder (exports its best trial)")
+    p.add_argument("out_dir", type=user_path, metavar="OUT_DIR", help="new or empty folder, or an earlier export to replace")
     p.add_argument("--repo-id", default=None, metavar="USER/NAME",
                    help="Hub repo id to show in the card's usage snippets (default: a USER/NAME placeholder)")
     p.add_argument("--adapter-only", action="store_true",
@@ -52,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "push", help="upload an export (or a run/sweep, exported on the fly) to the Hugging Face Hub",
         description="Create the model repo if needed and upload the folder in one commit. Token: HF_TOKEN or "
                     "the cached `hf auth login`; endpoint: HF_ENDPOINT (default https://huggingface.co).")
-    p.add_argument("path", metavar="EXPORT_OR_RUN_DIR", help="a `dpolab export` folder, a run folder or a sweep folder")
+    p.add_argument("path", type=user_path, metavar="EXPORT_OR_RUN_DIR", help="a `dpolab export` folder, a run folder or a sweep folder")
     p.add_argument("--repo-id", required=True, metavar="USER/NAME", help="target model repo on the Hub")
     p.add_argument("--private", action="store_true", help="create the repo private (ignored if it exists)")
     p.add_argument("--dry-run", action="store_true",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from dpolab.paths import resolve_config_paths, user_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(finished trials are skipped, interrupted ones rerun). Several workers, on several machines, "
         "share one study with --storage postgresql://...: create it once with --create-only, then "
         "start the workers with the same command without it.")
-    sweep.add_argument("--config", help="sweep YAML (default: the original project's 3-row table)")
-    sweep.add_argument("--output-dir", help="sweep folder (default: runs/<config name or 'sweep'>)")
+    sweep.add_argument("--config", type=user_path, help="sweep YAML (default: the original project's 3-row table)")
+    sweep.add_argument("--output-dir", type=user_path, help="sweep folder (default: runs/<config name or 'sweep'>)")
     sweep.add_argument("--storage", help="Optuna RDB URL shared by workers (default: sqlite file study.db "
                        "in the sweep folder)")
     sweep.add_argument("--create-only", action="store_true",
@@ -33,7 +34,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     overrides = {"n_trials": args.n_trials} if args.n_trials else {}
     config = load_sweep_config(args.config, overrides)
-    output_dir = Path(args.output_dir or Path("runs") / (Path(args.config).stem if args.config else "sweep"))
+    config.base = resolve_config_paths(config.base)
+    config.trials = [resolve_config_paths(trial) for trial in config.trials]
+    output_dir = args.output_dir or user_path(f"runs/{args.config.stem if args.config else 'sweep'}")
     if args.create_only:
         if args.report_to is not None:
             config.base = {**config.base, "report_to": args.report_to}

@@ -93,6 +93,9 @@ class SweepConfig:
     grace_period: int = field(default=120, metadata=_doc(
         "(int, 120): a RUNNING trial with no heartbeat for this long is failed and re-queued (a worker "
         "on another machine died). Dead workers on this machine are detected at once."))
+    max_retry: int = field(default=2, metadata=_doc(
+        "(int, 2): times a trial whose worker died is queued again; after that it is recorded as "
+        "failed (a trial that kills its worker every time must not be retried forever)."))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,6 +103,8 @@ class SweepConfig:
     def validate(self) -> None:
         if self.mode not in ("grid", "search"):
             raise ConfigError(f"sweep: mode must be 'grid' or 'search', got {self.mode!r}")
+        if self.max_retry < 0:
+            raise ConfigError(f"sweep: max_retry must be >= 0, got {self.max_retry!r}")
         if self.direction not in ("minimize", "maximize"):
             raise ConfigError(f"sweep: direction must be 'minimize' or 'maximize', got {self.direction!r}")
         known = set(TrainConfig.field_names())

@@ -89,15 +89,15 @@ def prepare_sweep(config: SweepConfig, sweep_dir: str | Path, storage: str | Non
     sweep_dir = Path(sweep_dir)
     url = storage or st.default_storage_url(sweep_dir)
     name = study_name_of(config, sweep_dir)
+    backend = st.make_storage(url, config)  # an unusable --storage fails before any folder is made
     if SweepFolder.is_sweep(sweep_dir):
         sweep = SweepFolder.open(sweep_dir)
         info = sweep.info()
     else:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         info = {"mode": config.mode, "objective": config.objective, "direction": config.direction,
                 "study_name": name, "storage": st.redact(url), "config": config.to_dict()}
         sweep = SweepFolder.create(sweep_dir, info)
-    st.open_study(config, st.make_storage(url, config), name, create=True)
+    st.open_study(config, backend, name, create=True)
     if warm_caches and "reference" not in info:
         info["reference"] = fill_caches(config)
         write_json(sweep.sweep_json, {**sweep.info(), "reference": info["reference"]})
@@ -156,7 +156,8 @@ def run_sweep(config: SweepConfig, sweep_dir: str | Path, storage: str | None = 
     ran = 0
     with env_defaults(sweep_tracker_defaults(trackers, sweep.path, name)):
         while max_trials is None or ran < max_trials:
-            st.recover_dead_workers(study, backend)
+            st.recover_dead_workers(study, backend, config.max_retry)
+            record_abandoned(study, sweep)
             trial = st.claim_waiting(study, backend)
             if trial is None:
                 if config.mode == "grid" or st.trials_used(study) >= config.n_trials:
@@ -197,7 +198,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: SweepConfig, swe
     try:
         with st.Heartbeat(backend, trial._trial_id, config.heartbeat_interval):
             train_config = TrainConfig.from_dict(config.train_values(overrides), source=f"trial {name}")
-            if RunFolder.is_run(run_dir) and (run_dir / "summary.json").is_file():
+            if RunFolder.is_run(run_dir) and RunFolder(run_dir).is_finished():
                 # Finished before its worker died (between summary and tell): do not train it twice.
                 logger.info("trial %s already finished training; reusing its records", name)
                 summary = RunFolder(run_dir).summary()
@@ -224,11 +225,23 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: SweepConfig, swe
         _free_memory()
     elapsed = time.perf_counter() - start
     record.update({"state": state.name.lower(), "value": value, "error": error, "time_s": round(elapsed, 3)})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "trial.json", record)
+    sweep.write_trial_record(name, record)
     logger.info("trial %s %s%s in %.1f s", name, state.name.lower(),
                 f": {config.objective} = {value:.4f}" if value is not None else f" ({error})" if error else "", elapsed)
     return state
+
+
+def record_abandoned(study: optuna.Study, sweep: SweepFolder) -> None:
+    """Write trial.json for trials whose worker died on the last allowed attempt (the dying worker
+    could not), so the sweep's records say they failed and why."""
+    for frozen in st.abandoned(study):
+        name = frozen.user_attrs.get(st.NAME_ATTR, f"trial-{frozen.number:03d}")
+        if sweep.trial_record(name) is None:
+            sweep.write_trial_record(name, {
+                "trial": name, "optuna_trial": frozen.number, "overrides": frozen.user_attrs.get(st.OVERRIDES_ATTR, {}),
+                "retry_of": frozen.user_attrs.get("retry_of"), "state": "failed", "value": None,
+                "error": frozen.user_attrs.get(st.ERROR_ATTR, "worker stopped sending heartbeats while running it"),
+                "time_s": None})
 
 
 def _free_memory() -> None:

@@ -9,6 +9,8 @@ A worker that dies leaves its trial RUNNING. Two ways bring it back, both markin
 attempt FAIL (with the reason) and queueing a copy under the same trial name:
   * same machine: the trial records ``host``/``pid``/process start time; a dead pid is seen at once;
   * other machines: no heartbeat for ``grace_period`` seconds (Optuna's heartbeat machinery).
+A trial is queued again at most ``max_retry`` times: one that kills its worker every time (out of
+memory, a crash in native code) then stays FAIL instead of being re-queued forever.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import warnings
@@ -27,6 +30,7 @@ import psutil
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from dpolab.errors import ConfigError
 from dpolab.sweep.config import SweepConfig
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,10 @@ NAME_ATTR = "trial_name"       # the trial folder: trials/<name>/, kept by retri
 OVERRIDES_ATTR = "overrides"   # the TrainConfig overrides of this trial
 WORKER_ATTR = "worker"         # {host, pid, started} of the process running it
 ERROR_ATTR = "error"           # one line: why it failed
+RETRIES_ATTR = "retries"       # times this trial was queued again after its worker died
+
+# Query parameters of a storage URL whose value is a secret (libpq: password, sslpassword).
+SECRET_PARAM = re.compile(r"pass|secret|token", re.IGNORECASE)
 
 
 def default_storage_url(sweep_dir: Path) -> str:
@@ -42,27 +50,42 @@ def default_storage_url(sweep_dir: Path) -> str:
 
 
 def redact(url: str) -> str:
-    """The storage URL without its password (it goes into sweep.json and logs)."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    """The storage URL without its secrets (it goes into sweep.json and logs): the password of
+    ``user:pw@host`` and of query parameters such as libpq's ``?password=``."""
+    base, sep, query = url.partition("?")
+    if "://" in base and "@" in base:
+        scheme, rest = base.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        if ":" in credentials:
+            base = f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    pairs = [pair.split("=", 1)[0] + "=***" if SECRET_PARAM.search(pair.split("=", 1)[0]) else pair
+             for pair in query.split("&")] if query else []
+    return base + sep + "&".join(pairs)
 
 
 def make_storage(url: str, config: SweepConfig) -> optuna.storages.RDBStorage:
+    """The shared study storage, or a one-line :class:`ConfigError` when it cannot be used."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several local workers share one SQLite file: wait for the write lock instead of failing.
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval,
-            grace_period=config.grace_period, heartbeat_stale_trial_callback=requeue)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval,
+                grace_period=config.grace_period, heartbeat_stale_trial_callback=Requeue(config.max_retry))
+    except ImportError as exc:  # SQLAlchemy loads the URL's driver (postgresql:// means psycopg2)
+        raise ConfigError(f"--storage {redact(url)}: its database driver is not installed ({exc}); "
+                          "e.g. pip install psycopg2-binary for postgresql://") from None
+    except (SQLAlchemyError, ValueError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ConfigError(f"--storage {redact(url)}: cannot use it ({type(exc).__name__}: "
+                          f"{detail[0] if detail else ''})") from None
 
 
 def signature(config: SweepConfig) -> dict[str, Any]:
@@ -87,8 +110,6 @@ def open_study(config: SweepConfig, storage: optuna.storages.RDBStorage, study_n
         pruner = optuna.pruners.NopPruner()
     exists = study_name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if not exists and not create:
-        from dpolab.errors import ConfigError
-
         raise ConfigError(f"study {study_name!r} does not exist in the storage; create it first "
                           "(dpolab sweep --create-only)")
     study = optuna.create_study(storage=storage, study_name=study_name, direction=config.direction,
@@ -104,8 +125,6 @@ def open_study(config: SweepConfig, storage: optuna.storages.RDBStorage, study_n
                     state=TrialState.WAITING, user_attrs={NAME_ATTR: point["name"], OVERRIDES_ATTR: overrides}))
             logger.info("study %s: queued %d grid configurations", study_name, len(config.grid_points()))
     elif stored != wanted:
-        from dpolab.errors import ConfigError
-
         raise ConfigError(f"study {study_name!r} was created from a different sweep config; use another "
                           "--output-dir (or study name) for a new study")
     return study
@@ -136,17 +155,20 @@ def _alive(worker: dict[str, Any]) -> bool:
         return False
 
 
-def recover_dead_workers(study: optuna.Study, storage: optuna.storages.RDBStorage) -> int:
+def recover_dead_workers(study: optuna.Study, storage: optuna.storages.RDBStorage, max_retry: int) -> int:
     """Fail and re-queue RUNNING trials whose worker is gone: same host at once, others by heartbeat."""
     recovered = 0
     host = socket.gethostname()
+    requeue = Requeue(max_retry)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = frozen.user_attrs.get(WORKER_ATTR)
         if not worker or worker.get("host") != host or _alive(worker):
             continue
+        reason = f"worker {host}:{worker.get('pid')} died while running it"
+        if requeue.exhausted(frozen):
+            reason += f" ({frozen.user_attrs.get(RETRIES_ATTR, 0) + 1} attempts, max_retry {max_retry}: not retried)"
         try:
-            storage.set_trial_user_attr(frozen._trial_id, ERROR_ATTR,
-                                        f"worker {host}:{worker.get('pid')} died while running it")
+            storage.set_trial_user_attr(frozen._trial_id, ERROR_ATTR, reason)
             if storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL):
                 requeue(study, storage.get_trial(frozen._trial_id))
                 recovered += 1
@@ -158,13 +180,39 @@ def recover_dead_workers(study: optuna.Study, storage: optuna.storages.RDBStorag
     return recovered
 
 
-def requeue(study: optuna.Study, failed: FrozenTrial) -> None:
-    """Queue a fresh attempt of a trial whose worker died: same name, params and overrides."""
-    attrs = {k: v for k, v in failed.user_attrs.items() if k not in (WORKER_ATTR, ERROR_ATTR)}
-    attrs["retry_of"] = failed.number
-    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=failed.params,
-                                              distributions=failed.distributions, user_attrs=attrs))
-    logger.warning("trial %s (#%d) was interrupted; queued again", attrs.get(NAME_ATTR), failed.number)
+class Requeue:
+    """Queue a fresh attempt of a trial whose worker died (same name, params and overrides), at
+    most ``max_retry`` times: the meaning of Optuna's ``RetryHeartbeatStaleTrialCallback(max_retry)``.
+    Ours because the copy must not inherit the dead attempt's worker and error."""
+
+    def __init__(self, max_retry: int) -> None:
+        self.max_retry = max_retry
+
+    def exhausted(self, failed: FrozenTrial) -> bool:
+        return failed.user_attrs.get(RETRIES_ATTR, 0) >= self.max_retry
+
+    def __call__(self, study: optuna.Study, failed: FrozenTrial) -> None:
+        name = failed.user_attrs.get(NAME_ATTR)
+        if self.exhausted(failed):
+            logger.error("trial %s (#%d): its worker died on every attempt; recorded as failed, not queued again",
+                         name, failed.number)
+            return
+        attrs = {k: v for k, v in failed.user_attrs.items() if k not in (WORKER_ATTR, ERROR_ATTR)}
+        attrs["retry_of"] = failed.number
+        attrs[RETRIES_ATTR] = failed.user_attrs.get(RETRIES_ATTR, 0) + 1
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=failed.params,
+                                                  distributions=failed.distributions, user_attrs=attrs))
+        logger.warning("trial %s (#%d) was interrupted; queued again (retry %d of %d)",
+                       name, failed.number, attrs[RETRIES_ATTR], self.max_retry)
+
+
+def abandoned(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials whose latest attempt FAILED without being queued again (a retried trial's latest
+    attempt is WAITING or later)."""
+    latest: dict[str, FrozenTrial] = {}
+    for trial in study.get_trials(deepcopy=False):
+        latest[trial.user_attrs.get(NAME_ATTR, f"#{trial.number}")] = trial  # in number order
+    return [t for t in latest.values() if t.state == TrialState.FAIL]
 
 
 def trials_used(study: optuna.Study) -> int:
