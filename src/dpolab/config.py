@@ -20,6 +20,7 @@ from dpolab.errors import ConfigError
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
 Engine = Literal["dpolab", "trl"]
+Stage = Literal["dpo", "sft"]
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -31,6 +32,9 @@ class TrainConfig:
     """Everything one DPO training run needs. Field docs follow ``name (type, default): meaning``."""
 
     # -- what to train on -------------------------------------------------------------------
+    stage: Stage = field(default="dpo", metadata=_doc(
+        "(str, 'dpo'): 'dpo' (preference optimisation) or 'sft' (supervised fine-tuning on the chosen "
+        "answers: the stage before DPO; what `dpolab sft` sets). Sweeps train whichever is set."))
     model: str = field(default="tiny-gpt2", metadata=_doc(
         "(str, 'tiny-gpt2'): Hub id (e.g. 'gpt2'), a local HF model folder, or a built-in name "
         "('tiny-gpt2', 'gpt2-124m-random'), or a dpolab run / sweep folder (its final / best model, e.g. an "
@@ -183,6 +187,8 @@ class TrainConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.load_in_4bit and not self.lora_r:
             raise ConfigError("load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set lora_r > 0 too")
+        if self.stage == "sft" and self.engine == "trl":
+            raise ConfigError("stage 'sft' runs on engine 'dpolab' only")
         if self.lora_r and self.engine == "trl":
             raise ConfigError("LoRA (lora_r > 0) runs on engine 'dpolab' only")
         if self.device not in ("auto", "cuda", "mps", "cpu"):

@@ -30,7 +30,7 @@ from dpolab.config import TrainConfig, save_config
 from dpolab.errors import ConfigError
 from dpolab.lora import save_final_model
 from dpolab.model import check_source, resolve_device, resolve_dtype
-from dpolab.runs import RunFolder
+from dpolab.runs import RunFolder, SweepFolder, resolve_run
 from dpolab.tracking import SystemSampler, tracker_session
 
 logger = logging.getLogger(__name__)
@@ -167,10 +167,20 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
         if last_complete_checkpoint(RunFolder(output_dir)):
             raise ConfigError(f"{output_dir}: an unfinished run with checkpoints is there; add --resume to continue it")
     run = RunFolder.create(output_dir, {
-        "engine": engine, "base_model": config.model, "dataset": config.dataset,
-        "data_dir": config.data_dir, "dpolab_version": dpolab.__version__})
+        "engine": engine, "stage": config.stage, "base_model": config.model, "dataset": config.dataset,
+        "data_dir": config.data_dir, "reference_model": config.ref_model or config.model,
+        **previous_stage(config.model), "dpolab_version": dpolab.__version__})
     save_config(config, run.config_path)
     return run
+
+
+def previous_stage(model: str) -> dict[str, Any]:
+    """``{"previous_stage": run.json of the run it starts from}`` when ``model`` is a dpolab run or
+    sweep folder (SFT -> DPO), so the records (and the model card) name both stages and datasets
+    even after the folders move; else ``{}``."""
+    if not (RunFolder.is_run(model) or SweepFolder.is_sweep(model)):
+        return {}
+    return {"previous_stage": resolve_run(model).info()}
 
 
 def last_complete_checkpoint(run: RunFolder) -> str | None:

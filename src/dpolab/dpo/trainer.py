@@ -28,6 +28,7 @@ from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.reference import add_reference_logps, load_reference
 from dpolab.dpo.samples import sample_callbacks
 from dpolab.dpo.trl_engine import train_trl
+from dpolab.errors import ConfigError
 from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_arguments
 from dpolab.lora import add_adapters, quantization_config, uses_lora
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
@@ -146,6 +147,8 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     """Train with DPO on the engine ``config.engine`` names and return the finished run folder
     (see docs/run-folder.md). ``callbacks`` are extra ``TrainerCallback``s (the sweep's pruning callback).
     """
+    if config.stage != "dpo":
+        raise ConfigError(f"stage {config.stage!r} is not DPO: run it with `dpolab {config.stage}` or a sweep")
     if config.engine == "trl":
         return train_trl(config, output_dir, resume, callbacks)
     run = prepare_run(config, output_dir, resume, engine="dpolab")
