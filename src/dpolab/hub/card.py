@@ -104,6 +104,10 @@ def eval_results(run: RunFolder) -> tuple[list[EvalResult], dict[str, float]]:
 def card_data(run: RunFolder, adapter_only: bool = False) -> ModelCardData:
     info = run.info()
     base, dataset = info.get("base_model", ""), info.get("dataset", "")
+    previous = info.get("previous_stage") or {}
+    if previous:  # SFT -> DPO: the pretrained base is the SFT run's
+        base = previous.get("base_model", base)
+    datasets = {HH_RLHF for d in (dataset, previous.get("dataset")) if d in HH_RLHF_SOURCES}
     results, _ = eval_results(run)
     return ModelCardData(
         language="en",
@@ -111,7 +115,7 @@ def card_data(run: RunFolder, adapter_only: bool = False) -> ModelCardData:
         library_name="peft" if adapter_only else "transformers",
         # Only a real Hub id: the Hub links base_model to that repo, and a built-in is not one.
         base_model=base if is_hub_model_id(base) else None,
-        datasets=[HH_RLHF] if dataset in HH_RLHF_SOURCES else None,
+        datasets=sorted(datasets) or None,
         tags=[*TAGS, "lora", "peft"] if adapter_only else TAGS,
         pipeline_tag="text-generation",
         model_name=info.get("name", run.path.name),
@@ -186,6 +190,25 @@ def _lora_text(config: dict[str, Any], base: str, adapter_only: bool, model_ref:
     return out
 
 
+def _stages_text(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """What trained the model: SFT, DPO, or the standard recipe's SFT then DPO (both stages named)."""
+    dpo = (f"DPO (Rafailov et al., 2023) with loss type `{config.get('loss_type')}` and beta = "
+           f"{_fmt(config.get('beta'))}: the policy is trained directly on preference pairs")
+    if info.get("stage") == "sft":
+        return [f"Supervised fine-tuning (SFT) of `{info.get('base_model')}` on the chosen answers of "
+                f"`{info.get('dataset')}`; the loss is the answer tokens' negative log-likelihood (prompt "
+                "tokens are context only). This is the first stage of the DPO recipe.", ""]
+    previous = info.get("previous_stage")
+    if not previous:
+        return [f"{dpo}, with the frozen base model as the reference; no reward model and no RL loop. The loss "
+                "is computed on answer tokens only.", ""]
+    return ["Two stages, the DPO paper's recipe:", "",
+            f"1. **SFT**: supervised fine-tuning of `{previous.get('base_model')}` on the chosen answers of "
+            f"`{previous.get('dataset')}` (run `{previous.get('name')}`).",
+            f"2. **DPO** on `{info.get('dataset')}`: {dpo}, starting from the SFT model, which is also the "
+            "frozen reference. The loss is computed on answer tokens only.", ""]
+
+
 def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_id: str | None,
               adapter_only: bool = False) -> str:
     info, config, summary = run.info(), run.config(), run.summary()
@@ -222,11 +245,7 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
     out += ["", "Reward accuracy is the fraction of pairs whose implicit reward "
             "beta * log(pi(y|x) / pi_ref(y|x)) ranks the chosen answer above the rejected one; the margin is "
             "the mean reward gap.", ""]
-    out += ["## Training procedure", "",
-            f"DPO (Rafailov et al., 2023) with loss type `{config.get('loss_type')}` and beta = "
-            f"{_fmt(config.get('beta'))}: the policy is trained directly on preference pairs, with the frozen "
-            "base model as the reference; no reward model and no RL loop. The loss is computed on answer "
-            "tokens only.", ""]
+    out += ["## Training procedure", "", *_stages_text(info, config)]
     if config.get("lora_r"):
         out += _lora_text(config, info.get("base_model", ""), adapter_only, model_ref)
     out += _dataset_text(info, report)

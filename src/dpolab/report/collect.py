@@ -37,6 +37,7 @@ class ReportData:
     trials: list[TrialRecords]
     info: dict[str, Any] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    sft: TrialRecords | None = None  # the SFT run the DPO trials started from (the recipe's stage 1)
 
 
 def _read_run(path: Path, name: str, state: str) -> TrialRecords:
@@ -52,8 +53,22 @@ def _read_run(path: Path, name: str, state: str) -> TrialRecords:
     return record
 
 
+def _sft_stage(trials: list[TrialRecords]) -> TrialRecords | None:
+    """The SFT run the trials' ``model`` names, when it is one (SFT -> DPO)."""
+    for model in {str(t.config.get("model")) for t in trials if t.config.get("model")}:
+        if RunFolder.is_run(model) and RunFolder(Path(model)).info().get("stage") == "sft":
+            return _read_run(Path(model), RunFolder(Path(model)).info().get("name", Path(model).name), "complete")
+    return None
+
+
 def collect(path: str | Path) -> ReportData:
     """Records of a sweep folder (every trial, failed ones included) or of a single run folder."""
+    data = _collect(path)
+    data.sft = _sft_stage(data.trials)
+    return data
+
+
+def _collect(path: str | Path) -> ReportData:
     path = Path(path)
     if SweepFolder.is_sweep(path):
         sweep = SweepFolder.open(path)
