@@ -106,3 +106,36 @@ def test_qlora_on_cpu_is_a_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "load_in_4bit (QLoRA) needs a CUDA GPU" in err
     with pytest.raises(ConfigError, match="set lora_r > 0"):
         TrainConfig(load_in_4bit=True)
+
+
+def test_serve_an_adapter_only_export_with_its_base_as_reference(lora_run, tmp_path):
+    """A real local server on the adapter-only export: one model in memory; the compare view's
+    reference is the base with the adapter disabled, and the answers carry implicit rewards."""
+    import json
+    import urllib.request
+
+    from dpolab.serve import create_app
+    from dpolab.serve.models import AdapterView, LoadedModel, answer_logps, load_served_models
+    from dpolab.serve.server import ServerThread
+
+    out = tmp_path / "adapter"
+    assert main(["export", str(lora_run.path), str(out), "--adapter-only"]) == 0
+    served = load_served_models(str(out))
+    assert isinstance(served.policy.model, AdapterView) and served.reference.model.module is served.policy.model.module
+    prompt, answer = load_tokenizer("tiny-gpt2")("\n\nHuman: Hi\n\nAssistant:").input_ids, [464, 3290, 50256]
+    base = LoadedModel("base", "tiny-gpt2", build_builtin("tiny-gpt2").eval(), served.policy.tokenizer)
+    merged = LoadedModel("merged", "run", AutoModelForCausalLM.from_pretrained(lora_run.model_dir).eval(),
+                         served.policy.tokenizer)
+    assert answer_logps(served.reference, prompt, [answer]) == pytest.approx(answer_logps(base, prompt, [answer]), abs=1e-4)
+    assert answer_logps(served.policy, prompt, [answer]) == pytest.approx(answer_logps(merged, prompt, [answer]), abs=1e-4)
+
+    app = create_app({"TESTING": True, "MODELS": served, "PREFERENCES_PATH": str(tmp_path / "prefs.jsonl"),
+                      "MAX_NEW_TOKENS": 16, "DEFAULT_MAX_NEW_TOKENS": 8, "WORKERS": 1, "MAX_QUEUE": 2,
+                      "REQUEST_TIMEOUT_S": 60.0})
+    with ServerThread(app) as url:
+        request = urllib.request.Request(f"{url}/api/generate", method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"prompt": "Hi there", "compare": True}).encode())
+        body = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    app.extensions["dpolab.engine"].close()
+    assert [a["role"] for a in body["answers"]] == ["policy", "reference"]
+    assert all(isinstance(a["reward"], float) for a in body["answers"]), body["answers"]
