@@ -159,7 +159,9 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
 
     ``engine`` is what trains it (``config.engine`` for DPO), recorded in run.json.
     """
-    check_source(config.model)  # a model that cannot load fails before any folder is made
+    for model in (config.model, config.ref_model):  # a model that cannot load fails before any folder is made
+        if model:
+            check_source(model)
     output_dir = Path(output_dir)
     if RunFolder.is_run(output_dir) and not resume:
         if RunFolder(output_dir).is_finished():

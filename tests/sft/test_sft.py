@@ -110,3 +110,19 @@ def test_sft_then_dpo_through_the_cli(tmp_path):
     assert "1. **SFT**: supervised fine-tuning of `tiny-gpt2` on the chosen answers of `hh-rlhf-sample`" in card
     assert "2. **DPO** on `hh-rlhf-sample`" in card and "datasets:\n- Anthropic/hh-rlhf" in card
     assert json.loads((tmp_path / "runs/sft/run.json").read_text())["stage"] == "sft"
+
+
+@pytest.mark.slow
+def test_a_sweep_sweeps_sft_configs(tmp_path):
+    """`stage: sft` in a sweep's base: every trial is an SFT run, best.json picks the lowest held-out NLL."""
+    from dpolab.sweep import SweepConfig, run_sweep
+
+    base = dict(stage="sft", model="tiny-gpt2", max_train_pairs=8, max_eval_pairs=4, max_steps=2, eval_steps=2,
+                per_device_train_batch_size=4, max_length=128, max_prompt_length=64, cache_dir=str(tmp_path / "cache"))
+    sweep = run_sweep(SweepConfig(base=base, trials=[{"name": "lr1e-4", "learning_rate": 1e-4},
+                                                     {"name": "lr3e-3", "learning_rate": 3e-3}]), tmp_path / "sweep")
+    trials = {t.path.name: t for t in sweep.trials()}
+    assert sorted(trials) == ["lr1e-4", "lr3e-3"]
+    assert all(t.info()["stage"] == "sft" and "rewards/margins" not in t.summary()["eval"] for t in trials.values())
+    losses = {name: t.summary()["eval"]["loss"] for name, t in trials.items()}
+    assert sweep.best()["trial"] == min(losses, key=losses.get)
