@@ -26,6 +26,13 @@ def test_two_evaluations_write_two_times_n_rows(tmp_path):
     rewards = [r["reward"] for r in rows if r["reward"] is not None]
     assert rewards and any(abs(x) > 1e-6 for x in rewards)  # the policy moved away from its reference
     assert full.samples(step=-1) == rows[N:]
+    # The report shows each trial's latest samples.
+    import html
+
+    from dpolab.report import write_report
+
+    page = write_report(full.path).read_text()
+    assert "Samples (latest evaluation)" in page and all(html.escape(r["policy"]) in page for r in rows[N:])
 
     # LoRA, a fresh cache: its reference answers come from the base with the adapter disabled, and
     # equal the full run's (same base weights, same seeds).

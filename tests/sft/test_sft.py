@@ -110,6 +110,11 @@ def test_sft_then_dpo_through_the_cli(tmp_path):
     assert "1. **SFT**: supervised fine-tuning of `tiny-gpt2` on the chosen answers of `hh-rlhf-sample`" in card
     assert "2. **DPO** on `hh-rlhf-sample`" in card and "datasets:\n- Anthropic/hh-rlhf" in card
     assert json.loads((tmp_path / "runs/sft/run.json").read_text())["stage"] == "sft"
+    # The report of the DPO run shows both stages.
+    subprocess.run([sys.executable, "-m", "dpolab.cli", "report", "runs/dpo"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    page = (tmp_path / "runs/dpo/report/report.html").read_text()
+    assert "Stage 1: SFT (sft)" in page and "Stage 2: DPO" in page
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ class TrialRecords:
     system: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     is_best: bool = False
+    samples: list[dict[str, Any]] = field(default_factory=list)  # the latest evaluation's (sample_prompts > 0)
 
     @property
     def finished(self) -> bool:
@@ -50,6 +51,7 @@ def _read_run(path: Path, name: str, state: str) -> TrialRecords:
     record.train = [r for r in run.metrics("train") if "loss" in r]
     record.eval = run.metrics("eval")
     record.system = run.system()
+    record.samples = run.samples(step=-1)
     return record
 
 

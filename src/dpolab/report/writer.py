@@ -85,6 +85,23 @@ def _sft_section(data: ReportData) -> str:
             f"NLL</th></tr>{rows}</table>\n<h2>Stage 2: DPO</h2>\n")
 
 
+def _reward_cell(reward: float | None) -> str:
+    return "" if reward is None else f"{reward:.3f}"  # SFT samples have no implicit reward
+
+
+def _samples_section(data: ReportData) -> str:
+    """The latest samples of each trial that recorded some: policy vs reference on fixed held-out prompts."""
+    parts = []
+    for trial in (t for t in data.trials if t.samples):
+        rows = "".join(
+            f"<tr><td>{html.escape(s['prompt'][-300:])}</td><td>{html.escape(s['policy'])}</td>"
+            f"<td>{html.escape(s['reference'])}</td><td>{_reward_cell(s['reward'])}</td></tr>"
+            for s in trial.samples)
+        parts.append(f"<h3>{html.escape(trial.name)} (step {trial.samples[0]['step']})</h3>\n<table class='hp-table'>"
+                     f"<tr><th>prompt (end)</th><th>policy</th><th>reference</th><th>implicit reward</th></tr>{rows}</table>")
+    return "<h2>Samples (latest evaluation)</h2>\n" + "\n".join(parts) + "\n" if parts else ""
+
+
 def render_html(data: ReportData, table_html: str, images: dict[str, bytes]) -> str:
     meta = []
     if data.kind == "sweep":
@@ -118,7 +135,7 @@ def render_html(data: ReportData, table_html: str, images: dict[str, bytes]) -> 
 <p class="meta">★ = best configuration. Eval metrics are on held-out pairs at the end of training.</p>
 <h2>Charts</h2>
 {figures}
-<h2>Table as an image</h2>
+{_samples_section(data)}<h2>Table as an image</h2>
 <figure>{_img(images["table.png"], "hyper-parameter table")}</figure>
 </body></html>
 """
