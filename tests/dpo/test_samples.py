@@ -3,9 +3,12 @@ and a LoRA policy's reference = its base with the adapter disabled (no second mo
 
 from __future__ import annotations
 
+import html
+
 import pytest
 
 from dpolab.dpo.trainer import train
+from dpolab.report import write_report
 from tests.conftest import tiny_config
 
 N = 3
@@ -27,10 +30,6 @@ def test_two_evaluations_write_two_times_n_rows(tmp_path):
     assert rewards and any(abs(x) > 1e-6 for x in rewards)  # the policy moved away from its reference
     assert full.samples(step=-1) == rows[N:]
     # The report shows each trial's latest samples.
-    import html
-
-    from dpolab.report import write_report
-
     page = write_report(full.path).read_text()
     assert "Samples (latest evaluation)" in page and all(html.escape(r["policy"]) in page for r in rows[N:])
 
