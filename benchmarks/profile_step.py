@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py --model gpt2-124m-random --batch 2 --steps 3
 
 One step = policy forward on the (2B, T) batch, answer-only chunked LM head, DPO loss on cached
-reference log-probs, backward, AdamW step: what DPOEngine.training_step does, without Trainer.
+reference log-probs, backward, AdamW step: what DpolabTrainer.training_step does, without Trainer.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Variants (each run in a fresh subprocess, run order rotated every round, medians reported):
 
-* ``dpolab``      DPOEngine; the reference pass runs once before training (timed separately).
+* ``dpolab``      DpolabTrainer; the reference pass runs once before training (timed separately).
 * ``trl_default`` TRL's DPOConfig defaults as a user gets them: gradient checkpointing on,
                   bf16=True (on CPU: bf16 autocast), reference model scored at every step.
 * ``trl_tuned``   TRL with precompute_ref_log_probs=True, gradient checkpointing off, fp32; its
@@ -107,16 +107,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         from transformers import TrainingArguments
 
         from dpolab.dpo.logps import PreferenceCollator
-        from dpolab.dpo.reference import compute_reference_logps
-        from dpolab.dpo.trainer import DPOEngine
+        from dpolab.dpo.reference import score_pairs
+        from dpolab.dpo.trainer import DpolabTrainer
 
         start = time.perf_counter()
-        ref_chosen, ref_rejected = compute_reference_logps(
+        ref_chosen, ref_rejected = score_pairs(
             model, train_set, tokenizer.pad_token_id, config.per_device_eval_batch_size, config.logps_chunk_size)
         result["reference_s"] = time.perf_counter() - start
         train_set = train_set.add_column("ref_chosen_logps", ref_chosen.tolist()).add_column(
             "ref_rejected_logps", ref_rejected.tolist())
-        trainer = DPOEngine(model=model, args=TrainingArguments(**common_args), train_dataset=train_set,
+        trainer = DpolabTrainer(model=model, args=TrainingArguments(**common_args), train_dataset=train_set,
                             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                             callbacks=[timer.callback], dpo_config=config)
     else:

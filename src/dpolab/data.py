@@ -29,13 +29,10 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from dpolab.config import TrainConfig
 from dpolab.errors import DataError
+from dpolab.hh import ASSISTANT, HUB_ID, SAMPLE_NAME
 
 logger = logging.getLogger(__name__)
 
-ASSISTANT = "\n\nAssistant:"
-HUMAN = "\n\nHuman:"
-SAMPLE_NAME = "hh-rlhf-sample"
-HUB_ID = "Anthropic/hh-rlhf"
 CACHE_VERSION = "1"  # bump when tokenization or truncation rules change
 
 

@@ -22,8 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dpolab.data import HUMAN
 from dpolab.errors import ConfigError
+from dpolab.hh import HUMAN, SAMPLING
 from dpolab.model import disable_dropout, load_model, use_fused_gelu
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def cut_answer(text: str) -> str:
 
 @torch.no_grad()
 def sample_answer(model: nn.Module, tokenizer, prompt_ids: list[int], seed: int, max_new_tokens: int = 64,
-                  temperature: float = 0.7, top_p: float = 0.9) -> str:
+                  temperature: float = SAMPLING["temperature"], top_p: float = SAMPLING["top_p"]) -> str:
     """One seeded sampled answer to a tokenized prompt, cut at the next human turn.
 
     The same ``seed`` gives the same answer from the same model, so two models' answers differ only

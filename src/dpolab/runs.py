@@ -54,7 +54,9 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_appended_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a record that is only ever appended to (metrics, system samples, generations):
+    tolerant of the torn last line a kill leaves, unlike the data loader's strict reader."""
     if not path.exists():
         return []
     rows = []
@@ -83,6 +85,11 @@ class _RecordFolder:
     def identity_path(self) -> Path:
         return self.path / self.IDENTITY
 
+    @property
+    def report_dir(self) -> Path:
+        """Where ``dpolab report`` writes (plots, table, report.html)."""
+        return self.path / "report"
+
     @classmethod
     def create(cls, path: str | Path, info: dict[str, Any]) -> Self:
         """Make (or reuse, for a resume) the folder and write its identity file."""
@@ -109,6 +116,9 @@ class _RecordFolder:
     def info(self) -> dict[str, Any]:
         return read_json(self.identity_path)
 
+    def update_info(self, **values: Any) -> None:
+        write_json(self.identity_path, {**self.info(), **values})
+
 
 @dataclass(frozen=True)
 class RunFolder(_RecordFolder):
@@ -118,7 +128,6 @@ class RunFolder(_RecordFolder):
     IDENTITY: ClassVar[str] = "run.json"
     FORMAT: ClassVar[str] = RUN_FORMAT
 
-    run_json = property(lambda self: self.path / "run.json")
     config_path = property(lambda self: self.path / "config.yaml")
     data_report_path = property(lambda self: self.path / "data_report.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
@@ -126,6 +135,7 @@ class RunFolder(_RecordFolder):
     summary_path = property(lambda self: self.path / "summary.json")
     model_dir = property(lambda self: self.path / "model")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    evaluation_dir = property(lambda self: self.path / "evaluation")  # written by `dpolab evaluate`
     adapter_dir = property(lambda self: self.path / "adapter")  # LoRA runs only: the PEFT adapter
     samples_path = property(lambda self: self.path / "samples.jsonl")  # only with sample_prompts > 0
 
@@ -140,11 +150,11 @@ class RunFolder(_RecordFolder):
         return read_json(self.data_report_path)
 
     def metrics(self, split: str | None = None) -> list[dict[str, Any]]:
-        rows = read_jsonl(self.metrics_path)
+        rows = read_appended_jsonl(self.metrics_path)
         return [r for r in rows if split is None or r.get("split") == split]
 
     def system(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.system_path)
+        return read_appended_jsonl(self.system_path)
 
     def summary(self) -> dict[str, Any]:
         return read_json(self.summary_path)
@@ -180,7 +190,7 @@ class RunFolder(_RecordFolder):
 
     def samples(self, step: int | None = None) -> list[dict[str, Any]]:
         """Sample rows (all, or one evaluation's); ``step=-1``: the latest evaluation's."""
-        rows = read_jsonl(self.samples_path)
+        rows = read_appended_jsonl(self.samples_path)
         if step == -1 and rows:
             step = rows[-1]["step"]
         return [r for r in rows if step is None or r["step"] == step]
@@ -209,7 +219,6 @@ class SweepFolder(_RecordFolder):
     trials_dir = property(lambda self: self.path / "trials")
     best_json = property(lambda self: self.path / "best.json")
     study_db = property(lambda self: self.path / "study.db")
-    report_dir = property(lambda self: self.path / "report")
 
     @classmethod
     def create(cls, path: str | Path, info: dict[str, Any]) -> SweepFolder:
@@ -224,13 +233,17 @@ class SweepFolder(_RecordFolder):
     def trial_dir(self, name: str) -> Path:
         return self.trials_dir / name
 
+    def trial_run(self, name: str) -> RunFolder:
+        """The trial's run folder (it may not be a complete run yet)."""
+        return RunFolder(self.trial_dir(name))
+
     def trial_names(self) -> list[str]:
         """Every trial folder (finished or not), in name order."""
         return sorted(p.name for p in self.trials_dir.iterdir() if p.is_dir()) if self.trials_dir.is_dir() else []
 
     def trials(self) -> list[RunFolder]:
         """Trial run folders that finished (have a summary), in name order."""
-        runs = [RunFolder(self.trial_dir(name)) for name in self.trial_names()]
+        runs = [self.trial_run(name) for name in self.trial_names()]
         return [run for run in runs if RunFolder.is_run(run.path) and run.is_finished()]
 
     def trial_record(self, name: str) -> dict[str, Any] | None:
@@ -245,6 +258,10 @@ class SweepFolder(_RecordFolder):
     def write_trial_record(self, name: str, record: dict[str, Any]) -> None:
         self.trial_dir(name).mkdir(parents=True, exist_ok=True)
         write_json(self.trial_dir(name) / "trial.json", record)
+
+    def has_best(self) -> bool:
+        """``best.json`` exists: at least one trial finished."""
+        return self.best_json.is_file()
 
     def best(self) -> dict[str, Any]:
         return read_json(self.best_json)
@@ -266,7 +283,7 @@ def resolve_run(path: str | Path) -> RunFolder:
     path = Path(path)
     if SweepFolder.is_sweep(path):
         sweep = SweepFolder.open(path)
-        if not sweep.best_json.exists():
+        if not sweep.has_best():
             raise RunFolderError(f"{path}: sweep has no best.json yet (no trial finished)")
         return sweep.best_run()
     return RunFolder.open(path)
@@ -292,8 +309,8 @@ def latest_result(root: str | Path = "runs") -> Path | None:
         return None
     candidates = []
     for child in root.iterdir():
-        if SweepFolder.is_sweep(child) and (child / "best.json").exists():
-            candidates.append(((child / "best.json").stat().st_mtime, child))
-        elif RunFolder.is_run(child) and (child / "summary.json").exists():
-            candidates.append(((child / "summary.json").stat().st_mtime, child))
+        if SweepFolder.is_sweep(child) and SweepFolder(child).has_best():
+            candidates.append((SweepFolder(child).best_json.stat().st_mtime, child))
+        elif RunFolder.is_run(child) and RunFolder(child).is_finished():
+            candidates.append((RunFolder(child).summary_path.stat().st_mtime, child))
     return max(candidates)[1] if candidates else None

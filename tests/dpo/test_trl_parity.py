@@ -3,7 +3,7 @@
 TRL's side runs through TRL's own code: its collator, its fused LM head, its ``compute_loss``
 and its ``_metrics``, with the reference either scored at every step or precomputed by TRL.
 dpolab's side is :func:`concatenated_forward` + :func:`preference_loss` / :func:`preference_metrics`
-with the reference scored by :func:`compute_reference_logps` (what the cached reference pass runs).
+with the reference scored by :func:`score_pairs` (what the cached reference pass runs).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
 from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
-from dpolab.dpo.reference import compute_reference_logps
+from dpolab.dpo.reference import score_pairs
 from dpolab.model import build_builtin, disable_dropout, load_tokenizer, use_fused_gelu
 
 trl = pytest.importorskip("trl")
@@ -50,7 +50,7 @@ def dpolab_numbers(pairs, reference, policy, loss_type: str, rpo_alpha: float = 
     # As the dpolab engine runs them (fused GELU); TRL keeps GPT-2's stock Python GELU.
     reference, policy = copy.deepcopy(reference), copy.deepcopy(policy)
     assert use_fused_gelu(reference) == use_fused_gelu(policy) == 2
-    ref_chosen, ref_rejected = compute_reference_logps(reference, pairs, pad_token_id=50256, batch_size=8,
+    ref_chosen, ref_rejected = score_pairs(reference, pairs, pad_token_id=50256, batch_size=8,
                                                        chunk_size=128)  # (B,), (B,)
     batch = PreferenceCollator(50256)([pairs[i] for i in range(len(pairs))])
     policy.train()

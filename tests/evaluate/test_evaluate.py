@@ -9,16 +9,16 @@ import shutil
 
 import pytest
 
-from dpolab.evaluate.generation import wilson_interval, win_rate
+from dpolab.evaluate.generation import count_wins, wilson_interval
 from dpolab.generate import cut_answer
-from dpolab.runs import RunFolder, read_jsonl
+from dpolab.runs import RunFolder, read_appended_jsonl
 
 
 def test_wilson_interval_and_win_rate_counting():
     low, high = wilson_interval(8, 10)
     assert math.isclose(low, 0.4902, abs_tol=1e-3) and math.isclose(high, 0.9433, abs_tol=1e-3)
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
-    result = win_rate([3.0, 1.0, 2.0, 0.5], [1.0, 1.0, 5.0, 0.0])
+    result = count_wins([3.0, 1.0, 2.0, 0.5], [1.0, 1.0, 5.0, 0.0])
     assert (result["wins"], result["ties"], result["losses"], result["n"]) == (2, 1, 1, 4)
     assert result["win_rate"] == 2.5 / 4
     assert result["ci95"][0] < result["win_rate"] < result["ci95"][1]
@@ -58,7 +58,7 @@ def test_evaluate_run_with_judge(tiny_run, tmp_path, judge_dir):
     assert pairs["pairs"] == run.summary()["eval_pairs"]
     assert pairs["logps/chosen_minus_ref"] == pytest.approx(pairs["logps/chosen"] - pairs["logps/ref_chosen"], abs=1e-3)
 
-    rows = read_jsonl(run.path / "evaluation" / "generations.jsonl")
+    rows = read_appended_jsonl(run.path / "evaluation" / "generations.jsonl")
     assert len(rows) == 4 and [r["seed"] for r in rows] == [7, 8, 9, 10]
     assert all(r["prompt"].endswith("Assistant:") and r["chosen"] and "policy" in r and "reference" in r for r in rows)
     assert json.loads((run.path / "evaluation" / "metrics.json").read_text())["generation"]["n_prompts"] == 4
@@ -66,7 +66,7 @@ def test_evaluate_run_with_judge(tiny_run, tmp_path, judge_dir):
     # Win rates are what the stored scores say, and the scores are the judge's.
     judged = result["judge"]
     for key, other in (("vs_reference", "reference"), ("vs_chosen", "chosen")):
-        expected = win_rate([r["scores"]["policy"] for r in rows], [r["scores"][other] for r in rows])
+        expected = count_wins([r["scores"]["policy"] for r in rows], [r["scores"][other] for r in rows])
         assert judged[key] == expected
         assert judged[key]["ci95"][0] <= judged[key]["win_rate"] <= judged[key]["ci95"][1]
     judge = RewardJudge(str(judge_dir))

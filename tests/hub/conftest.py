@@ -22,7 +22,7 @@ def hub_sweep(tmp_path_factory) -> SweepFolder:
                                {"mode": "grid", "objective": "eval loss", "direction": "minimize"})
     for name, metrics in EVALS.items():
         # Both trials have a model, with different weights, so exporting the wrong one is caught.
-        make_run(sweep.trial_dir(name), metrics, beta=BETAS[name], win_rate=0.58 if name == "trial-001" else None,
+        make_run(sweep.trial_dir(name), metrics, beta=BETAS[name], judged=name == "trial-001",
                  shift=0.0 if name == "trial-001" else 0.01)
     sweep.write_best({"trial": "trial-001", "run_dir": "trials/trial-001", "model_dir": "trials/trial-001/model",
                       "objective": "eval loss", "value": EVALS["trial-001"]["loss"]})

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from dpolab.config import TrainConfig
+from dpolab.evaluate.generation import count_wins, win_rate_summary
 from dpolab.runs import RunFolder
 
 EVALS = {
@@ -25,7 +26,11 @@ PNG = bytes.fromhex(
     "0000050001e226059b0000000049454e44ae426082")
 
 
-def make_run(path: Path, eval_metrics: dict, beta: float = 0.1, win_rate: float | None = None,
+# Judge scores of five prompts: the policy beats the reference 3 times, ties once (win rate 0.7).
+POLICY_SCORES, REFERENCE_SCORES, CHOSEN_SCORES = [3.0, 1.0, 2.0, 5.0, 0.5], [1.0, 1.0, 5.0, 0.0, 0.0], [4.0] * 5
+
+
+def make_run(path: Path, eval_metrics: dict, beta: float = 0.1, judged: bool = False,
              base_model: str = "tiny-gpt2", with_model: bool = True, shift: float = 0.0) -> RunFolder:
     """A finished run; ``shift`` is added to every weight so two runs' models differ."""
     from dpolab.model import build_builtin, load_tokenizer
@@ -51,7 +56,9 @@ def make_run(path: Path, eval_metrics: dict, beta: float = 0.1, win_rate: float 
         load_tokenizer("tiny-gpt2").save_pretrained(run.model_dir)
     summary = {"train": {"loss": 0.69, "steps": 3, "epochs": 0.5}, "eval": dict(eval_metrics),
                "wall_time_s": 1.25, "train_pairs": 24, "eval_pairs": 8}
-    if win_rate is not None:
-        summary["eval"]["win_rate"] = win_rate
+    if judged:  # what `dpolab evaluate --judge` adds
+        summary["win_rate"] = win_rate_summary({"judge": "tiny-judge",
+                                                "vs_reference": count_wins(POLICY_SCORES, REFERENCE_SCORES),
+                                                "vs_chosen": count_wins(POLICY_SCORES, CHOSEN_SCORES)})
     run.write_summary(summary)
     return run

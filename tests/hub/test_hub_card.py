@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import ModelCard
 
-from dpolab.hub.card import build_card, card_data, is_hub_model_id, win_rate
+from dpolab.hub.card import build_card, card_data, is_hub_model_id, summary_win_rate
 from dpolab.runs import resolve_run
 
 
@@ -26,7 +26,7 @@ def test_card_metadata_matches_the_run_records(sweep_export, hub_sweep):
 
     got = {r.metric_type: r.metric_value for r in data.eval_results}
     assert got == {"loss": summary["eval"]["loss"], "accuracy": summary["eval"]["rewards/accuracies"],
-                   "reward_margin": summary["eval"]["rewards/margins"], "win_rate": summary["eval"]["win_rate"]}
+                   "reward_margin": summary["eval"]["rewards/margins"], "win_rate": 0.7}
     assert {r.dataset_type for r in data.eval_results} == {"Anthropic/hh-rlhf"}
     assert data.model_name == "trial-001"
 
@@ -67,8 +67,10 @@ def test_is_hub_model_id(name, expected):
     assert is_hub_model_id(name) is expected
 
 
-@pytest.mark.parametrize(("summary", "expected"), [
-    ({"eval": {"loss": 0.6}}, None), ({"win_rate": 0.7}, 0.7), ({"eval": {"win_rate": 0.55}}, 0.55),
-    ({"win_rate": {"win_rate": 0.6, "n": 32}}, 0.6), ({"eval": {"win_rate": {"value": 0.4}}}, 0.4)])
-def test_win_rate_shapes(summary, expected):
-    assert win_rate(summary) == expected
+def test_summary_win_rate_reads_what_evaluate_writes(tmp_path):
+    from tests.hub.factory import EVALS, make_run
+
+    judged = make_run(tmp_path / "judged", EVALS["trial-001"], judged=True, with_model=False).summary()
+    assert judged["win_rate"]["vs"] == "reference" and judged["win_rate"]["n"] == 5
+    assert summary_win_rate(judged) == 0.7  # 3 wins and 1 tie in 5
+    assert summary_win_rate(make_run(tmp_path / "plain", EVALS["trial-001"], with_model=False).summary()) is None

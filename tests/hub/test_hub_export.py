@@ -70,7 +70,13 @@ def test_plots_and_table_are_copied_and_linked(sweep_export, hub_sweep):
         assert (sweep_export.out_dir / "plots" / name).read_bytes() == (hub_sweep.report_dir / name).read_bytes()
     card = (sweep_export.out_dir / "README.md").read_text()
     assert "![loss](plots/loss.png)" in card and "![rewards](plots/rewards.png)" in card
-    assert "| trial-001 | 0.3 | 0.6543 |" in card  # report/table.md embedded
+    # The sweep table: the one builder `dpolab report` uses too, from the trial records.
+    from dpolab.report.collect import collect
+    from dpolab.report.table import table_rows, to_markdown
+
+    table = to_markdown(table_rows(collect(hub_sweep.path).trials)).strip()
+    assert table in card
+    assert "| **★ trial-001** |" in table and "0.6543" in table and "0.6812" in table
 
 
 def test_export_replaces_an_earlier_export_but_nothing_else(hub_run, tmp_path):

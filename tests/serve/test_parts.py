@@ -70,7 +70,7 @@ def test_experiments_page_shows_sweep_table_and_plots(make_app, sweep_dir):
     assert info["server"]["experiments"] is True
     html = client.get("/experiments").get_data(as_text=True)
     assert "<th>beta</th>" in html and "<td>0.05</td>" in html and "<td>0.2</td>" in html
-    assert "trial-001 ★" in html
+    assert "★ trial-001" in html  # the report's table: best row marked
     # Plots from `dpolab report`, eval loss first; its table.png is not repeated under the HTML table.
     assert html.index("/experiments/report/eval_loss.png") < html.index("/experiments/report/loss.png")
     assert "table.png" not in html

@@ -4,6 +4,8 @@ stand-in that reports a scripted eval-loss curve through the pruning callback.""
 
 from __future__ import annotations
 
+import statistics
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -58,9 +60,16 @@ def test_search_budget_ranges_and_pruning(tmp_path, monkeypatch):
     states = [t.state for t in study.trials]
     assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE]  # startup trials are never pruned
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
-    for trial in pruned:  # pruned on an intermediate value worse than the running median
-        assert trial.intermediate_values and max(trial.intermediate_values) < 3
+    assert pruned, "the median pruner stopped no trial"
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for trial in pruned:
+        # Stopped at its first evaluation whose loss was worse than the median loss, at that step,
+        # of the trials completed before it (one worker: lower numbers finished first).
+        step, loss = max(trial.intermediate_values.items())
+        assert step < 3  # before its last evaluation
+        earlier = sorted(t.intermediate_values[step] for t in complete if t.number < trial.number)
+        assert loss > statistics.median(earlier)
+        assert sweep.trial_record(trial.user_attrs[NAME_ATTR])["state"] == "pruned"
     best = min(complete, key=lambda t: t.value)
     assert sweep.best()["trial"] == best.user_attrs[NAME_ATTR] == f"trial-{best.number:03d}"
 

@@ -37,10 +37,11 @@ def load_reference(name: str, policy: torch.nn.Module, device: torch.device | st
 
 
 @torch.no_grad()
-def compute_reference_logps(
+def score_pairs(
     model: torch.nn.Module, dataset, pad_token_id: int, batch_size: int, chunk_size: int, desc: str = "reference"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen (N,), rejected (N,)) summed answer log-probs under ``model``, in dataset order.
+    """(chosen (N,), rejected (N,)) summed answer log-probs under ``model``, in dataset order: the
+    reference pass, and ``dpolab evaluate`` scoring policy and reference alike.
 
     Pairs are scored in order of length so each batch pads little, then put back in place.
     """
@@ -86,7 +87,7 @@ def add_reference_logps(
         logger.info("reference log-probs: cache hit %s (reference pass skipped)", path)
     else:
         logger.info("reference log-probs: computing once with the frozen reference (cache miss)")
-        cached = {split: compute_reference_logps(model, ds, pad_token_id, batch_size, chunk_size, desc=split)
+        cached = {split: score_pairs(model, ds, pad_token_id, batch_size, chunk_size, desc=split)
                   for split, ds in datasets.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 PER_PAIR_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logps", "policy_rejected_logps")
 
 
-class DPOEngine(Trainer):
+class DpolabTrainer(Trainer):
     """``Trainer`` whose loss is DPO on a batch of (2B, T) sequences with precomputed reference log-probs."""
 
     def __init__(self, *args: Any, dpo_config: TrainConfig, system_sampler: SystemSampler | None = None,
@@ -156,7 +156,7 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     run.write_data_report(prepared.data_report.to_dict())
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
-        return DPOEngine(
+        return DpolabTrainer(
             model=prepared.model, args=training_arguments(config, run, prepared.device, prepared.dtype),
             train_dataset=prepared.datasets["train"], eval_dataset=prepared.datasets["eval"],
             data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id), processing_class=prepared.tokenizer,

@@ -46,7 +46,7 @@ def import_trl() -> Any:
 
 
 def pretokenized_trainer_class() -> type:
-    """``DPOTrainer`` that trains on our token ids as they are and counts pairs/tokens like DPOEngine.
+    """``DPOTrainer`` that trains on our token ids as they are and counts pairs/tokens like DpolabTrainer.
 
     Built in a function so importing this module never needs TRL.
     """
@@ -67,7 +67,7 @@ def pretokenized_trainer_class() -> type:
             return dataset
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training:  # same definitions as DPOEngine: pairs and real (attended) tokens
+            if model.training:  # same definitions as DpolabTrainer: pairs and real (attended) tokens
                 self.pairs_seen += inputs["input_ids"].shape[0] // 2
                 self.tokens_seen += int(inputs["attention_mask"].sum())
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

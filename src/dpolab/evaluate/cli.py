@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dpolab.hh import SAMPLING
 from dpolab.paths import path_or_name, user_path
 
 
@@ -19,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--judge", type=path_or_name, metavar="MODEL", help="reward model (Hub id or folder) for win rates")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--temperature", type=float, default=0.7)
-    ev.add_argument("--top-p", type=float, default=0.9)
+    ev.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
+    ev.add_argument("--top-p", type=float, default=SAMPLING["top_p"])
     ev.add_argument("--output-dir", type=user_path, help="default: <run>/evaluation")
     ev.set_defaults(func=run_evaluate)
 

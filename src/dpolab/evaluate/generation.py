@@ -15,13 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dpolab.generate import sample_answer
+from dpolab.hh import SAMPLING
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def generate_answers(policy, reference, tokenizer, eval_dataset, n_prompts: int, seed: int = 0,
-                     max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.9) -> list[dict[str, Any]]:
+                     max_new_tokens: int = 64, temperature: float = SAMPLING["temperature"],
+                     top_p: float = SAMPLING["top_p"]) -> list[dict[str, Any]]:
     """Side-by-side answers for the first ``n_prompts`` held-out prompts.
 
     Prompt ``i`` is sampled with seed ``seed + i`` for both models, so the two answers differ only
@@ -51,7 +53,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def win_rate(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
+def count_wins(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
     """How often answer A scores higher than answer B (ties = half), with its 95% interval."""
     wins = sum(a > b for a, b in zip(scores_a, scores_b, strict=True))
     ties = sum(a == b for a, b in zip(scores_a, scores_b, strict=True))
@@ -98,6 +100,13 @@ def judge_rows(judge: RewardJudge, rows: list[dict[str, Any]]) -> dict[str, Any]
     policy = [r["scores"]["policy"] for r in rows]
     return {
         "judge": judge.name,
-        "vs_reference": win_rate(policy, [r["scores"]["reference"] for r in rows]),
-        "vs_chosen": win_rate(policy, [r["scores"]["chosen"] for r in rows]),
+        "vs_reference": count_wins(policy, [r["scores"]["reference"] for r in rows]),
+        "vs_chosen": count_wins(policy, [r["scores"]["chosen"] for r in rows]),
     }
+
+
+def win_rate_summary(judged: dict[str, Any]) -> dict[str, Any]:
+    """What ``summary.json``'s ``win_rate`` holds (the model card reads it): the policy's wins over
+    the reference, the judge, and the win rate over the dataset's chosen answers."""
+    return {**judged["vs_reference"], "judge": judged["judge"], "vs": "reference",
+            "vs_chosen": judged["vs_chosen"]["win_rate"]}

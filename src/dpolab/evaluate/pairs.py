@@ -12,7 +12,7 @@ import torch
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
 from dpolab.dpo.loss import preference_loss, preference_metrics
-from dpolab.dpo.reference import compute_reference_logps
+from dpolab.dpo.reference import score_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_datas
     """Metrics of ``policy`` vs ``reference`` on ``eval_dataset`` (tokenized held-out pairs)."""
     kwargs = dict(pad_token_id=pad_token_id, batch_size=config.per_device_eval_batch_size,
                   chunk_size=config.logps_chunk_size)
-    ref_chosen, ref_rejected = compute_reference_logps(reference, eval_dataset, desc="reference", **kwargs)
-    pol_chosen, pol_rejected = compute_reference_logps(policy, eval_dataset, desc="policy", **kwargs)
+    ref_chosen, ref_rejected = score_pairs(reference, eval_dataset, desc="reference", **kwargs)
+    pol_chosen, pol_rejected = score_pairs(policy, eval_dataset, desc="policy", **kwargs)
     lengths = {f"{side}_lengths": torch.tensor([len(ids) for ids in eval_dataset[f"{side}_ids"]], dtype=torch.float32)
                for side in ("chosen", "rejected")}  # (B,) answer tokens, for IPO
     losses, chosen_rewards, rejected_rewards = preference_loss(

@@ -14,15 +14,16 @@ from typing import Any
 
 from dpolab.config import TrainConfig
 from dpolab.errors import RunFolderError
-from dpolab.evaluate.generation import RewardJudge, generate_answers, judge_rows
+from dpolab.evaluate.generation import RewardJudge, generate_answers, judge_rows, win_rate_summary
 from dpolab.evaluate.pairs import held_out_pairs, pair_metrics
+from dpolab.hh import SAMPLING
 from dpolab.runs import append_jsonl, resolve_run, write_json
 
 logger = logging.getLogger(__name__)
 
 
 def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, seed: int = 0,
-             max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.9,
+             max_new_tokens: int = 64, temperature: float = SAMPLING["temperature"], top_p: float = SAMPLING["top_p"],
              output_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds."""
     from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device
@@ -50,7 +51,7 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
                             "temperature": temperature, "top_p": top_p, "file": "generations.jsonl"}
     result["judge"] = judge_rows(RewardJudge(judge, device=device), rows) if judge else None
 
-    out = Path(output_dir) if output_dir else run.path / "evaluation"
+    out = Path(output_dir) if output_dir else run.evaluation_dir
     out.mkdir(parents=True, exist_ok=True)
     generations = out / "generations.jsonl"
     generations.unlink(missing_ok=True)
@@ -62,7 +63,6 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
         logger.info("win rate vs reference %.3f [%.3f, %.3f]; vs chosen %.3f", vs_ref["win_rate"],
                     *vs_ref["ci95"], result["judge"]["vs_chosen"]["win_rate"])
         summary = {k: v for k, v in run.summary().items() if k != "format"}
-        summary["win_rate"] = {**vs_ref, "judge": judge, "vs": "reference",
-                               "vs_chosen": result["judge"]["vs_chosen"]["win_rate"]}
+        summary["win_rate"] = win_rate_summary(result["judge"])
         run.write_summary(summary)
     return result

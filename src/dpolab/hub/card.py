@@ -14,15 +14,16 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from dpolab.errors import RunFolderError
+from dpolab.hh import HUB_ID as HH_RLHF
+from dpolab.hh import HUMAN, PROMPT_FORMAT, SAMPLE_NAME, SAMPLE_SUBSET, SAMPLING
 from dpolab.model import BUILTIN_MODELS
+from dpolab.report.collect import collect
+from dpolab.report.table import table_rows, to_markdown
 from dpolab.runs import RunFolder, SweepFolder
 
-HH_RLHF = "Anthropic/hh-rlhf"
-# Dataset sources that are HH-RLHF: the bundled sample is HH-RLHF's harmless-base test split.
-HH_RLHF_SOURCES = {"hh-rlhf-sample": "harmless-base", HH_RLHF: None}
+# Dataset sources that are HH-RLHF, and their subset.
+HH_RLHF_SOURCES = {SAMPLE_NAME: SAMPLE_SUBSET, HH_RLHF: None}
 TAGS = ["dpo", "gpt2", "rlhf", "dpolab"]
-PROMPT_FORMAT = "\n\nHuman: {message}\n\nAssistant:"
-STOP_SEQUENCE = "\n\nHuman:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # (config key, label) in the order the hyperparameter table shows them.
@@ -50,13 +51,16 @@ def is_hub_model_id(name: str) -> bool:
     return name not in BUILTIN_MODELS and not Path(name).exists() and bool(HUB_ID.match(name))
 
 
-def win_rate(summary: dict[str, Any]) -> float | None:
-    """The generation eval's win rate when one was measured: ``summary["win_rate"]`` or
-    ``summary["eval"]["win_rate"]``, a number or a dict holding ``win_rate``/``value``."""
-    value = summary.get("win_rate", (summary.get("eval") or {}).get("win_rate"))
-    if isinstance(value, dict):
-        value = value.get("win_rate", value.get("value"))
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def summary_win_rate(summary: dict[str, Any]) -> float | None:
+    """The policy's win rate over the reference when ``dpolab evaluate --judge`` measured one
+    (``summary["win_rate"]``, see :func:`dpolab.evaluate.generation.win_rate_summary`)."""
+    record = summary.get("win_rate")
+    return float(record["win_rate"]) if record else None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with newlines shown as ``\\n``, as a user types it into code."""
+    return text.encode("unicode_escape").decode()
 
 
 def _optional(read, default=None):
@@ -93,7 +97,7 @@ def eval_results(run: RunFolder) -> tuple[list[EvalResult], dict[str, float]]:
             values[metric_type] = float(value)
             results.append(EvalResult(metric_type=metric_type, metric_name=metric_name,
                                       metric_value=float(value), **common))
-    rate = win_rate(summary)
+    rate = summary_win_rate(summary)
     if rate is not None:
         values["win_rate"] = rate
         results.append(EvalResult(metric_type="win_rate", metric_name="Win rate (generation eval)",
@@ -139,7 +143,7 @@ def _base_model_text(base: str) -> str:
 
 def _dataset_text(info: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
     dataset = info.get("dataset", "")
-    if dataset == "hh-rlhf-sample":
+    if dataset == SAMPLE_NAME:
         lines = [f"Data: the HH-RLHF harmless-base test split bundled with dpolab ([{HH_RLHF}]"
                  f"(https://huggingface.co/datasets/{HH_RLHF})), split into train and held-out pairs."]
     elif dataset == HH_RLHF:
@@ -156,23 +160,6 @@ def _dataset_text(info: dict[str, Any], report: dict[str, Any] | None) -> list[s
         lines += [f"| pairs dropped ({reason.replace('_', ' ')}) | {n} |" for reason, n in dropped.items()]
         lines += [f"| pairs truncated ({part}) | {n} |" for part, n in truncated.items()]
     return lines
-
-
-def _sweep_table(sweep: SweepFolder) -> str:
-    """``report/table.md`` from ``dpolab report`` when it exists, else a table from the trial records."""
-    report_table = sweep.report_dir / "table.md"
-    if report_table.is_file():
-        return report_table.read_text().strip()
-    best = _optional(sweep.best, {}).get("trial")
-    rows = ["| trial | loss type | beta | learning rate | eval loss | reward acc. | reward margin |",
-            "|---|---|---|---|---|---|---|"]
-    for trial in sweep.trials():
-        config, ev = trial.config(), trial.summary().get("eval") or {}
-        name = f"**{trial.path.name}** (best)" if trial.path.name == best else trial.path.name
-        rows.append(f"| {name} | {config.get('loss_type')} | {_fmt(config.get('beta'))} | "
-                    f"{_fmt(config.get('learning_rate'))} | {_fmt(ev.get('loss'))} | "
-                    f"{_fmt(ev.get('rewards/accuracies'))} | {_fmt(ev.get('rewards/margins'))} |")
-    return "\n".join(rows)
 
 
 def _lora_text(config: dict[str, Any], base: str, adapter_only: bool, model_ref: str) -> list[str]:
@@ -231,10 +218,10 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
                    f"`{sweep.info().get('name', sweep.path.name)}` by {best.get('objective', 'its objective')}.")
     out += ["", "## Prompt format", "",
             "The model continues a dialogue in HH-RLHF's format; end the prompt with the assistant tag:", "",
-            "```text", "\\n\\nHuman: {your message}\\n\\nAssistant:", "```", "",
-            "Multi-turn prompts repeat `\\n\\nHuman: ...\\n\\nAssistant: ...`. Stop generation at the next "
-            "`\\n\\nHuman:` turn (`stop_sequence` below): the model may otherwise write the user's next "
-            "turn itself.", ""]
+            "```text", _escaped(PROMPT_FORMAT.format(message="{your message}")), "```", "",
+            f"Multi-turn prompts repeat `{_escaped(PROMPT_FORMAT.format(message='...'))} ...`. Stop generation at "
+            f"the next `{_escaped(HUMAN)}` turn (`stop_sequence` below): the model may otherwise write the "
+            "user's next turn itself.", ""]
     out += ["## Evaluation", "", "On the held-out preference pairs, after training:", "",
             "| metric | value |", "|---|---|"]
     labels = {"loss": "DPO eval loss", "accuracy": "reward accuracy", "reward_margin": "reward margin",
@@ -255,17 +242,18 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
     if train.get("steps") is not None:
         out.append(f"| optimizer steps run | {train['steps']} |")
     if sweep is not None:
-        out += ["", "## Sweep", "", _sweep_table(sweep)]
+        out += ["", "## Sweep", "", to_markdown(table_rows(collect(sweep.path).trials)).strip()]
     if plots:
         out += ["", "## Plots", ""]
         out += [f"![{Path(p).stem}]({p})" for p in plots]
     out += ["", "## Usage", "", "With transformers:", "", "```python", "from transformers import pipeline", "",
             f'generator = pipeline("text-generation", model="{model_ref}")',
-            'prompt = "\\n\\nHuman: How do I make a cup of tea?\\n\\nAssistant:"',
-            f'out = generator(prompt, max_new_tokens=128, stop_sequence="{STOP_SEQUENCE.encode("unicode_escape").decode()}",'
+            f'prompt = "{_escaped(PROMPT_FORMAT.format(message="How do I make a cup of tea?"))}"',
+            f'out = generator(prompt, max_new_tokens={SAMPLING["max_new_tokens"]}, stop_sequence="{_escaped(HUMAN)}",'
             " return_full_text=False)",
             'print(out[0]["generated_text"])', "```", "",
-            "The generation config samples (temperature 0.7, top-p 0.9) and uses `<|endoftext|>` as both EOS "
+            f"The generation config samples (temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}) "
+            "and uses `<|endoftext|>` as both EOS "
             "and padding. The stop at the next Human turn is a call argument, not part of "
             "`generation_config.json`, because transformers refuses stop strings in a saved generation "
             "config unless every caller also passes the tokenizer.", "",

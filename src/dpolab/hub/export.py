@@ -18,13 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpolab.errors import RunFolderError
+from dpolab.hh import SAMPLING
 from dpolab.runs import RunFolder, SweepFolder, resolve_run
 
 EOS_ID = 50256  # GPT-2's <|endoftext|>: EOS, BOS and (dpolab's choice) padding
-# Sampling defaults for a small chat-style model: some diversity, but low enough temperature and a
-# repetition penalty so GPT-2-sized models do not loop; max_new_tokens bounds one assistant turn.
-SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1,
-            "max_new_tokens": 128}
 REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
 # An --adapter-only export of a LoRA run: the PEFT adapter instead of full weights.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -68,7 +65,8 @@ def _save_model(run: RunFolder, out: Path) -> None:
     # training run happened to carry. No stop_strings: transformers raises on generate() when a saved
     # config has them and the caller passes no tokenizer, which would break the plain pipeline; the
     # card documents `stop_sequence="\n\nHuman:"` instead.
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **SAMPLING)
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+                                               do_sample=True, **SAMPLING)
     model.save_pretrained(out)  # transformers 5 always writes safetensors (no pickle option left)
 
 

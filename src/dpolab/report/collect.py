@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dpolab.errors import RunFolderError
-from dpolab.runs import RunFolder, SweepFolder, read_json
+from dpolab.runs import RunFolder, SweepFolder
 
 
 @dataclass
@@ -33,20 +33,23 @@ class TrialRecords:
 @dataclass
 class ReportData:
     title: str
-    path: Path
+    folder: RunFolder | SweepFolder
     kind: str                        # "sweep" | "run"
     trials: list[TrialRecords]
     info: dict[str, Any] = field(default_factory=dict)
     best: dict[str, Any] | None = None
     sft: TrialRecords | None = None  # the SFT run the DPO trials started from (the recipe's stage 1)
 
+    @property
+    def path(self) -> Path:
+        return self.folder.path
 
-def _read_run(path: Path, name: str, state: str) -> TrialRecords:
-    run = RunFolder(path)
+
+def _read_run(run: RunFolder, name: str, state: str) -> TrialRecords:
     record = TrialRecords(name=name, state=state)
     if run.config_path.is_file():
         record.config = run.config() or {}
-    if run.summary_path.is_file():
+    if run.is_finished():
         record.summary = run.summary()
     record.train = [r for r in run.metrics("train") if "loss" in r]
     record.eval = run.metrics("eval")
@@ -75,29 +78,27 @@ def _collect(path: str | Path) -> ReportData:
     if SweepFolder.is_sweep(path):
         sweep = SweepFolder.open(path)
         info = sweep.info()
-        best = sweep.best() if sweep.best_json.exists() else None
-        trials = []
+        best = sweep.best() if sweep.has_best() else None
         entries = []
-        for trial_dir in sorted(sweep.trials_dir.iterdir()) if sweep.trials_dir.is_dir() else []:
-            status = read_json(trial_dir / "trial.json") if (trial_dir / "trial.json").is_file() else {}
-            if not status and not RunFolder.is_run(trial_dir):
-                continue
-            entries.append((status.get("optuna_trial", 10**9), trial_dir.name, trial_dir, status))
-        for _, name, trial_dir, status in sorted(entries):
-            state = status.get("state") or ("complete" if (trial_dir / "summary.json").is_file() else "running")
-            record = _read_run(trial_dir, name, state)
+        for name in sweep.trial_names():
+            run, status = sweep.trial_run(name), sweep.trial_record(name) or {}
+            if status or RunFolder.is_run(run.path):
+                entries.append((status.get("optuna_trial", 10**9), name, run, status))
+        trials = []
+        for _, name, run, status in sorted(entries, key=lambda e: e[:2]):
+            record = _read_run(run, name, status.get("state") or ("complete" if run.is_finished() else "running"))
             record.error = status.get("error")
             if not record.config and status.get("overrides"):
                 # Failed before its run folder was written: show what it was asked to try.
                 record.config = dict(status["overrides"])
             record.is_best = best is not None and best.get("trial") == name
             trials.append(record)
-        return ReportData(title=f"Sweep {info.get('name', path.name)}", path=path, kind="sweep",
+        return ReportData(title=f"Sweep {info.get('name', path.name)}", folder=sweep, kind="sweep",
                           trials=trials, info=info, best=best)
     if RunFolder.is_run(path):
-        info = RunFolder.open(path).info()
-        record = _read_run(path, info.get("name", path.name), "complete" if (path / "summary.json").is_file()
-                           else "running")
+        run = RunFolder.open(path)
+        info = run.info()
+        record = _read_run(run, info.get("name", path.name), "complete" if run.is_finished() else "running")
         record.is_best = record.finished
-        return ReportData(title=f"Run {record.name}", path=path, kind="run", trials=[record], info=info)
+        return ReportData(title=f"Run {record.name}", folder=run, kind="run", trials=[record], info=info)
     raise RunFolderError(f"{path}: not a dpolab run or sweep folder")

@@ -115,6 +115,14 @@ def plot_system(trials: list[TrialRecords]) -> Figure:
     return fig
 
 
+# What each chart shows: under it in report.html and on the web app's experiments page.
+CAPTIONS = {
+    "loss.png": "Training loss vs optimizer step, every configuration.",
+    "eval_loss.png": "Final eval loss per configuration (best outlined) and eval loss over training.",
+    "rewards.png": "Reward margin and reward accuracy on held-out pairs at each evaluation.",
+    "system.png": "System: GPU power when a GPU was present, else process CPU use.",
+}
+
 CHARTS = {
     "loss.png": plot_train_loss,
     "eval_loss.png": plot_eval_loss,

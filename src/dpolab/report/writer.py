@@ -9,17 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dpolab.report.collect import ReportData, collect
-from dpolab.report.plots import CHARTS, has_gpu_power
+from dpolab.report.plots import CAPTIONS, CHARTS, has_gpu_power
 from dpolab.report.table import table_figure, table_rows, to_html, to_markdown
 
 logger = logging.getLogger(__name__)
-
-CAPTIONS = {
-    "loss.png": "Training loss vs optimizer step, every configuration.",
-    "eval_loss.png": "Final eval loss per configuration (best outlined) and eval loss over training.",
-    "rewards.png": "Reward margin and reward accuracy on held-out pairs at each evaluation.",
-    "system.png": "System: GPU power when a GPU was present, else process CPU use.",
-}
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1150px;
@@ -36,10 +29,6 @@ figcaption { color: #555; font-size: 0.9rem; }
 """
 
 
-def report_dir_for(path: Path) -> Path:
-    return Path(path) / "report"
-
-
 def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write the report of a sweep or run folder into ``<folder>/report/``; return ``report.html``.
 
@@ -47,7 +36,7 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     ``table.html``, ``table.png`` and ``report.html`` (images embedded: opens from disk, alone).
     """
     data = collect(path)
-    out = Path(out_dir) if out_dir else report_dir_for(data.path)
+    out = Path(out_dir) if out_dir else data.folder.report_dir
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
     for name, plot in CHARTS.items():

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from dpolab.hh import ASSISTANT, HUMAN
 from dpolab.serve.validation import ApiError
 
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
 # Stop at the model's next turn marker: past it, the model is writing the human's lines. The
 # assistant marker stops too, because an answer containing it would make the dialogue ambiguous
 # for the trainer, which splits prompt and answer at the *last* "\n\nAssistant:".

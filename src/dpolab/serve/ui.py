@@ -7,21 +7,15 @@ from typing import Any
 
 from flask import Blueprint, abort, render_template, send_from_directory
 
+from dpolab.report.collect import collect
+from dpolab.report.plots import CAPTIONS
+from dpolab.report.table import table_rows, to_html
 from dpolab.runs import SweepFolder
 from dpolab.serve import jobs
 
 bp = Blueprint("ui", __name__)
 
-# Config keys that differ between trials for bookkeeping reasons, not as hyperparameters.
-NOT_HYPERPARAMETERS = {"run_name", "cache_dir", "report_to", "output_dir", "device", "num_threads"}
 PLOT_ORDER = ("eval_loss.png", "rewards.png", "loss.png", "system.png")
-PLOT_CAPTIONS = {
-    "loss.png": "Training loss vs optimizer step, every configuration.",
-    "eval_loss.png": "Final eval loss per configuration and eval loss over training.",
-    "rewards.png": "Reward margin and reward accuracy on held-out pairs at each evaluation.",
-    "system.png": "System: GPU power when a GPU was present, else process CPU use.",
-}
-EVAL_COLUMNS = (("loss", "eval loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
 
 
 @bp.get("/")
@@ -32,24 +26,6 @@ def index() -> Any:
 def _sweep_dir() -> Path | None:
     eng = jobs.engine()
     return eng.models.sweep_dir if eng.models is not None else None
-
-
-def sweep_table(sweep: SweepFolder) -> dict[str, Any]:
-    """Hyperparameters that vary across the finished trials, with each trial's eval metrics."""
-    trials = sweep.trials()
-    configs = {t.path.name: (t.config() if t.config_path.exists() else {}) for t in trials}
-    keys = sorted({k for c in configs.values() for k in c} - NOT_HYPERPARAMETERS)
-    varied = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1] or \
-        [k for k in ("beta", "learning_rate") if k in keys]
-    best = sweep.best().get("trial") if sweep.best_json.exists() else None
-    rows = []
-    for trial in trials:
-        name = trial.path.name
-        evals = trial.summary().get("eval", {})
-        rows.append({"name": name, "best": name == best,
-                     "params": [configs[name].get(k) for k in varied],
-                     "metrics": [evals.get(k) for k, _ in EVAL_COLUMNS]})
-    return {"params": varied, "metrics": [label for _, label in EVAL_COLUMNS], "rows": rows}
 
 
 @bp.get("/experiments")
@@ -63,8 +39,9 @@ def experiments() -> Any:
     # table is already rendered above as HTML, so its picture is left out.
     names = {p.name for p in report.glob("*.png")} - {"table.png"} if report.is_dir() else set()
     images = [n for n in PLOT_ORDER if n in names] + sorted(names - set(PLOT_ORDER))
-    return render_template("ui/experiments.html", sweep=sweep.info(), table=sweep_table(sweep), images=images,
-                           captions=PLOT_CAPTIONS, has_report=report.is_dir(),
+    return render_template("ui/experiments.html", sweep=sweep.info(), images=images,
+                           table_html=to_html(table_rows(collect(sweep.path).trials)),
+                           captions=CAPTIONS, has_report=report.is_dir(),
                            full_report=(report / "report.html").is_file(), sweep_path=str(sweep_dir), loading=False)
 
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpolab.hh import SAMPLING
+
 
 class ApiError(Exception):
     """An error answered as JSON. ``param`` names the offending request field."""
@@ -100,21 +102,21 @@ def text(data: dict[str, Any], name: str, required: bool = True) -> str | None:
 class SamplingParams:
     """Decoding settings of one request. temperature 0 means greedy decoding."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 50
-    max_new_tokens: int = 128
-    repetition_penalty: float = 1.1
+    temperature: float = SAMPLING["temperature"]
+    top_p: float = SAMPLING["top_p"]
+    top_k: int = SAMPLING["top_k"]
+    max_new_tokens: int = SAMPLING["max_new_tokens"]
+    repetition_penalty: float = SAMPLING["repetition_penalty"]
     stop: tuple[str, ...] = field(default_factory=tuple)
 
 
 # The bounds the page's inputs use too (served by /api/model), so browser and server agree.
 BOUNDS: dict[str, dict[str, float]] = {
-    "temperature": {"min": 0.0, "max": 2.0, "step": 0.05, "default": 0.8},
-    "top_p": {"min": 0.01, "max": 1.0, "step": 0.01, "default": 0.95},
-    "top_k": {"min": 0, "max": 1000, "step": 1, "default": 50},
-    "max_new_tokens": {"min": 1, "max": 4096, "step": 1, "default": 128},
-    "repetition_penalty": {"min": 1.0, "max": 2.0, "step": 0.05, "default": 1.1},
+    "temperature": {"min": 0.0, "max": 2.0, "step": 0.05, "default": SAMPLING["temperature"]},
+    "top_p": {"min": 0.01, "max": 1.0, "step": 0.01, "default": SAMPLING["top_p"]},
+    "top_k": {"min": 0, "max": 1000, "step": 1, "default": SAMPLING["top_k"]},
+    "max_new_tokens": {"min": 1, "max": 4096, "step": 1, "default": SAMPLING["max_new_tokens"]},
+    "repetition_penalty": {"min": 1.0, "max": 2.0, "step": 0.05, "default": SAMPLING["repetition_penalty"]},
 }
 
 

@@ -55,16 +55,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def print_sweep_result(sweep) -> None:
-    from dpolab.runs import read_json
-
     print(f"\nsweep folder: {sweep.path}")
-    for trial_dir in sorted(sweep.trials_dir.iterdir()) if sweep.trials_dir.is_dir() else []:
-        record = trial_dir / "trial.json"
-        if record.is_file():
-            row = read_json(record)
-            value = f"{row['value']:.4f}" if row.get("value") is not None else "-"
-            print(f"  {row['trial']:<24} {row['state']:<9} {value:>8}  {row.get('error') or ''}")
-    if sweep.best_json.exists():
+    for row in sweep.trial_records():
+        value = f"{row['value']:.4f}" if row.get("value") is not None else "-"
+        print(f"  {row['trial']:<24} {row['state']:<9} {value:>8}  {row.get('error') or ''}")
+    if sweep.has_best():
         best = sweep.best()
         print(f"best:        {best['trial']} ({best['objective']} = {best['value']:.4f})")
         print(f"best model:  {sweep.path / best['model_dir']}")

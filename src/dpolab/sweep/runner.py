@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from dpolab.config import TrainConfig
 from dpolab.errors import ConfigError
-from dpolab.runs import RunFolder, SweepFolder, read_json, write_json
+from dpolab.runs import RunFolder, SweepFolder
 from dpolab.sweep import study as st
 from dpolab.sweep.config import SweepConfig
 from dpolab.tracking import env_defaults, sweep_tracker_defaults
@@ -89,7 +89,8 @@ def prepare_sweep(config: SweepConfig, sweep_dir: str | Path, storage: str | Non
     sweep_dir = Path(sweep_dir)
     url = storage or st.default_storage_url(sweep_dir)
     name = study_name_of(config, sweep_dir)
-    backend = st.make_storage(url, config)  # an unusable --storage fails before any folder is made
+    # An unusable --storage fails before any folder is made (the default one lives in the folder).
+    backend = st.make_storage(url, config) if storage else None
     if SweepFolder.is_sweep(sweep_dir):
         sweep = SweepFolder.open(sweep_dir)
         info = sweep.info()
@@ -97,10 +98,10 @@ def prepare_sweep(config: SweepConfig, sweep_dir: str | Path, storage: str | Non
         info = {"mode": config.mode, "objective": config.objective, "direction": config.direction,
                 "study_name": name, "storage": st.redact(url), "config": config.to_dict()}
         sweep = SweepFolder.create(sweep_dir, info)
-    st.open_study(config, backend, name, create=True)
+    st.open_study(config, backend or st.make_storage(url, config), name, create=True)
     if warm_caches and "reference" not in info:
         info["reference"] = fill_caches(config)
-        write_json(sweep.sweep_json, {**sweep.info(), "reference": info["reference"]})
+        sweep.update_info(reference=info["reference"])
     return sweep
 
 
@@ -271,9 +272,9 @@ def update_best(study: optuna.Study, config: SweepConfig, sweep: SweepFolder) ->
     record = {"trial": name, "run_dir": f"trials/{name}", "model_dir": f"trials/{name}/model",
               "objective": config.objective, "direction": config.direction, "value": best.value,
               "overrides": best.user_attrs.get(st.OVERRIDES_ATTR, {}), "optuna_trial": best.number}
-    if sweep.best_json.exists():
+    if sweep.has_best():
         try:
-            if {k: v for k, v in read_json(sweep.best_json).items() if k != "format"} == record:
+            if {k: v for k, v in sweep.best().items() if k != "format"} == record:
                 return record
         except Exception:
             pass

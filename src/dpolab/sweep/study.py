@@ -31,6 +31,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from dpolab.errors import ConfigError
+from dpolab.runs import SweepFolder
 from dpolab.sweep.config import SweepConfig
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ SECRET_PARAM = re.compile(r"pass|secret|token", re.IGNORECASE)
 
 
 def default_storage_url(sweep_dir: Path) -> str:
-    return f"sqlite:///{Path(sweep_dir).resolve() / 'study.db'}"
+    return f"sqlite:///{SweepFolder(Path(sweep_dir).resolve()).study_db}"
 
 
 def redact(url: str) -> str:
