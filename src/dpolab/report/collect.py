@@ -61,8 +61,12 @@ def _read_run(run: RunFolder, name: str, state: str) -> TrialRecords:
 def _sft_stage(trials: list[TrialRecords]) -> TrialRecords | None:
     """The SFT run the trials' ``model`` names, when it is one (SFT -> DPO)."""
     for model in {str(t.config.get("model")) for t in trials if t.config.get("model")}:
-        if RunFolder.is_run(model) and RunFolder(Path(model)).info().get("stage") == "sft":
-            return _read_run(Path(model), RunFolder(Path(model)).info().get("name", Path(model).name), "complete")
+        if not RunFolder.is_run(model):
+            continue
+        run = RunFolder.open(model)
+        info = run.info()
+        if info.get("stage") == "sft":
+            return _read_run(run, info.get("name", run.path.name), "complete")
     return None
 
 
