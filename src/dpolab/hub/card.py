@@ -208,7 +208,9 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
         "A GPT-2-architecture causal language model fine-tuned with **Direct Preference Optimization "
         "(DPO)** on Anthropic's HH-RLHF human preference pairs (helpfulness / harmlessness), trained with "
         "dpolab.", "",
-        f"- Base model: {_base_model_text(info.get('base_model', ''))}",
+        f"- Base model: {_base_model_text((info.get('previous_stage') or info).get('base_model', ''))}" + (
+            " Fine-tuned by SFT first; the SFT model is the DPO reference (see Training procedure)."
+            if info.get("previous_stage") else ""),
         f"- Training engine: `{info.get('engine', 'dpolab')}`" + (
             f", dpolab {info['dpolab_version']}" if info.get("dpolab_version") else ""),
     ]
