@@ -134,7 +134,7 @@ class TrainConfig:
         "(int | None, None): CPU threads for torch; None keeps torch's default."))
     gradient_checkpointing: bool = field(default=False, metadata=_doc(
         "(bool, False): recompute each block's activations in backward instead of storing them: less "
-        "memory, ~30% more compute, same loss and gradients."))
+        "memory, about a third more compute, same loss and gradients."))
     logps_chunk_size: int = field(default=128, metadata=_doc(
         "(int, 128): answer tokens per LM-head chunk; bounds the (chunk, vocab) logits in memory."))
     cache_dir: str | None = field(default=None, metadata=_doc(
