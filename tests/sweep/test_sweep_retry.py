@@ -60,6 +60,6 @@ def test_a_trial_that_kills_its_worker_every_time_is_given_up_after_max_retry(tm
     assert "max_retry 1: not retried" in doomed[-1].user_attrs["error"]
     sweep = SweepFolder.open(sweep_dir)
     record = sweep.trial_record("doomed")
-    assert record["state"] == "failed" and "died while running it" in record["error"]
+    assert record["state"] == "fail" and "died while running it" in record["error"]
     assert sweep.trial_record("fine")["state"] == "complete"
     assert sweep.best()["trial"] == "fine"

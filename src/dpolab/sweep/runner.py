@@ -242,7 +242,7 @@ def record_abandoned(study: optuna.Study, sweep: SweepFolder) -> None:
         if sweep.trial_record(name) is None:
             sweep.write_trial_record(name, {
                 "trial": name, "optuna_trial": frozen.number, "overrides": frozen.user_attrs.get(st.OVERRIDES_ATTR, {}),
-                "retry_of": frozen.user_attrs.get("retry_of"), "state": "failed", "value": None,
+                "retry_of": frozen.user_attrs.get("retry_of"), "state": "fail", "value": None,
                 "error": frozen.user_attrs.get(st.ERROR_ATTR, "worker stopped sending heartbeats while running it"),
                 "time_s": None})
 
