@@ -129,16 +129,17 @@ def card_data(run: RunFolder, adapter_only: bool = False) -> ModelCardData:
     )
 
 
-def _base_model_text(base: str) -> str:
+def _base_model_text(base: str, is_reference: bool = True) -> str:
     if base in BUILTIN_MODELS:
         shape = BUILTIN_MODELS[base]
         return (f"`{base}`, a dpolab built-in: the GPT-2 architecture (n_layer={shape['n_layer']}, "
                 f"n_embd={shape['n_embd']}, n_head={shape['n_head']}) with a **seeded random initialisation** "
                 "and the real GPT-2 tokenizer. It is *not* pretrained GPT-2, so expect little fluency: such "
                 "models exist to test the training pipeline end to end.")
+    role = " (also the frozen DPO reference model)" if is_reference else ""
     if is_hub_model_id(base):
-        return f"[`{base}`](https://huggingface.co/{base}) (also the frozen DPO reference model)."
-    return f"`{base}`, a local model folder (also the frozen DPO reference model)."
+        return f"[`{base}`](https://huggingface.co/{base}){role}."
+    return f"`{base}`, a local model folder{role}."
 
 
 def _dataset_text(info: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
@@ -208,7 +209,7 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
         "A GPT-2-architecture causal language model fine-tuned with **Direct Preference Optimization "
         "(DPO)** on Anthropic's HH-RLHF human preference pairs (helpfulness / harmlessness), trained with "
         "dpolab.", "",
-        f"- Base model: {_base_model_text((info.get('previous_stage') or info).get('base_model', ''))}" + (
+        f"- Base model: {_base_model_text((info.get('previous_stage') or info).get('base_model', ''), not info.get('previous_stage'))}" + (
             " Fine-tuned by SFT first; the SFT model is the DPO reference (see Training procedure)."
             if info.get("previous_stage") else ""),
         f"- Training engine: `{info.get('engine', 'dpolab')}`" + (
