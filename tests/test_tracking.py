@@ -112,7 +112,7 @@ def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
     config = TrainConfig(model="tiny-gpt2", dataset="hh-rlhf-sample", max_train_pairs=16, max_eval_pairs=8,
                          max_steps=2, per_device_train_batch_size=4, logging_steps=1, eval_steps=1,
                          max_length=128, max_prompt_length=64, report_to=["mlflow", "wandb"],
-                         cache_dir=str(tmp_path / "cache"))
+                         sample_prompts=2, sample_max_new_tokens=8, cache_dir=str(tmp_path / "cache"))
     run = train(config, tmp_path / "run")
     local_eval = {r["step"]: r["loss"] for r in run.metrics("eval")}
     local_train = {r["step"]: r["loss"] for r in run.metrics("train") if "loss" in r}
@@ -130,6 +130,12 @@ def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
     mlflow_train = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert all(math.isclose(mlflow_train[s], local_train[s], rel_tol=1e-3) for s in local_train)
     assert client.get_metric_history(run_id, "system/cpu_percent"), "system metrics did not reach MLflow"
+    # The samples: one table artifact per evaluation, the same rows as samples.jsonl.
+    artifacts = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert artifacts == ["samples/step_000001.json", "samples/step_000002.json"]
+    table = json.loads(Path(client.download_artifacts(run_id, artifacts[-1], str(tmp_path))).read_text())
+    policy_column = [row[table["columns"].index("policy")] for row in table["data"]]
+    assert policy_column == [r["policy"] for r in run.samples(step=2)] and len(policy_column) == 2
 
     # W&B offline: the run lives in the run folder; its history holds the same eval loss.
     history = _wandb_history(run.path)
@@ -137,6 +143,9 @@ def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
     assert wandb_eval.keys() == local_eval.keys(), history
     assert all(math.isclose(wandb_eval[s], local_eval[s], rel_tol=1e-6) for s in local_eval)
     assert any("train/system/cpu_percent" in row for row in history), "system metrics did not reach W&B"
+    tables = {row["train/global_step"]: row for row in history if "samples._type" in row}
+    assert sorted(tables) == [1, 2]
+    assert all(t["samples._type"] == "table-file" and t["samples.nrows"] == 2 for t in tables.values())
 
 
 def test_tensorboard_and_trackio_match_local_records(tmp_path):
@@ -153,7 +162,8 @@ def test_tensorboard_and_trackio_match_local_records(tmp_path):
                     "--output-dir", str(tmp_path / "run"), "--max-train-pairs", "16", "--max-eval-pairs", "8",
                     "--max-steps", "2", "--per-device-train-batch-size", "4", "--logging-steps", "1",
                     "--eval-steps", "1", "--max-length", "128", "--max-prompt-length", "64",
-                    "--report-to", "tensorboard,trackio", "--cache-dir", str(tmp_path / "cache")],
+                    "--report-to", "tensorboard,trackio", "--cache-dir", str(tmp_path / "cache"),
+                    "--sample-prompts", "2", "--sample-max-new-tokens", "8"],
                    check=True, env=env, capture_output=True)
     run = RunFolder.open(tmp_path / "run")
     local_eval = {r["step"]: r["loss"] for r in run.metrics("eval")}
@@ -163,6 +173,11 @@ def test_tensorboard_and_trackio_match_local_records(tmp_path):
     events.Reload()
     tensorboard_eval = {e.step: e.value for e in events.Scalars("eval/loss")}
     assert tensorboard_eval == pytest.approx(local_eval, rel=1e-6)
+    samples = EventAccumulator(str(run.path / "tensorboard" / "samples"))
+    samples.Reload()
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in samples.Tensors("samples/text_summary")}
+    assert sorted(texts) == [1, 2]
+    assert all(row["prompt"].splitlines()[-1].replace("|", "\\|") in texts[row["step"]] for row in run.samples())
 
     with sqlite3.connect(run.path / "trackio" / "dpolab.db") as db:
         rows = [json.loads(metrics) for (metrics,) in db.execute("SELECT metrics FROM metrics ORDER BY id")]

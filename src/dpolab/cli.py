@@ -23,6 +23,7 @@ USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.EN
 
 # Stage modules that add sub-commands, in the order `dpolab --help` lists them.
 COMMAND_MODULES = [
+    "dpolab.sft.cli",       # sft
     "dpolab.dpo.cli",       # train
     "dpolab.sweep.cli",     # sweep
     "dpolab.evaluate.cli",  # evaluate

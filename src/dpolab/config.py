@@ -20,6 +20,7 @@ from dpolab.errors import ConfigError
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
 Engine = Literal["dpolab", "trl"]
+Stage = Literal["dpo", "sft"]
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -31,13 +32,20 @@ class TrainConfig:
     """Everything one DPO training run needs. Field docs follow ``name (type, default): meaning``."""
 
     # -- what to train on -------------------------------------------------------------------
+    stage: Stage = field(default="dpo", metadata=_doc(
+        "(str, 'dpo'): 'dpo' (preference optimisation) or 'sft' (supervised fine-tuning on the chosen "
+        "answers: the stage before DPO; what `dpolab sft` sets). Sweeps train whichever is set."))
     model: str = field(default="tiny-gpt2", metadata=_doc(
         "(str, 'tiny-gpt2'): Hub id (e.g. 'gpt2'), a local HF model folder, or a built-in name "
-        "('tiny-gpt2', 'gpt2-124m-random'). It is also the frozen reference model."))
+        "('tiny-gpt2', 'gpt2-124m-random'), or a dpolab run / sweep folder (its final / best model, e.g. an "
+        "SFT run). It is also the frozen reference model unless ref_model is set."))
     dataset: str = field(default="hh-rlhf-sample", metadata=_doc(
         "(str, 'hh-rlhf-sample'): 'hh-rlhf-sample' (bundled real HH-RLHF harmless-base test split), a local "
         "*.jsonl / *.jsonl.gz / *.json / *.csv / *.parquet file or folder of them, a `save_to_disk` folder, "
         "a Hub dataset id, or a weighted mix 'a.jsonl:0.7,org/other:0.3'."))
+    ref_model: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): the frozen DPO reference when it is not the starting model: Hub id, HF "
+        "folder, built-in name, or a dpolab run / sweep folder (its final / best model)."))
     data_dir: str | None = field(default=None, metadata=_doc(
         "(str | None, None): subset of the Hub dataset, e.g. 'harmless-base' or 'helpful-base'."))
     data_files: str | None = field(default=None, metadata=_doc(
@@ -77,6 +85,9 @@ class TrainConfig:
         "(float, 0.1): strength of the KL constraint to the reference (IPO: its tau)."))
     label_smoothing: float = field(default=0.0, metadata=_doc(
         "(float, 0.0): assumed label-flip probability (conservative DPO); sigmoid loss only, in [0, 0.5)."))
+    rpo_alpha: float = field(default=0.0, metadata=_doc(
+        "(float, 0.0): weight of the chosen answers' mean per-token NLL added to the loss (RPO; TRL's "
+        "rpo_alpha, OpenRLHF's nll_loss_coef); logged as 'nll_loss'. 0 = plain DPO."))
 
     # -- optimisation -----------------------------------------------------------------------
     learning_rate: float = field(default=5e-5, metadata=_doc("(float, 5e-5): peak AdamW learning rate."))
@@ -102,6 +113,11 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata=_doc("(int, 10): optimizer steps between train logs."))
     eval_steps: int | None = field(default=None, metadata=_doc(
         "(int | None, None): optimizer steps between evaluations; None evaluates once per epoch."))
+    sample_prompts: int = field(default=0, metadata=_doc(
+        "(int, 0): at every evaluation the policy answers this many fixed held-out prompts (seeded); "
+        "rows go to samples.jsonl and each tracker's table. 0 = off."))
+    sample_max_new_tokens: int = field(default=48, metadata=_doc(
+        "(int, 48): length limit of each sampled answer."))
     save_steps: int | None = field(default=None, metadata=_doc(
         "(int | None, None): optimizer steps between checkpoints (for --resume); None saves per epoch."))
     save_total_limit: int = field(default=2, metadata=_doc("(int, 2): checkpoints kept on disk."))
@@ -110,6 +126,21 @@ class TrainConfig:
         "folder records are always written."))
     run_name: str | None = field(default=None, metadata=_doc(
         "(str | None, None): display name for trackers; defaults to the run folder name."))
+
+    # -- memory: LoRA / QLoRA adapters (PEFT) -----------------------------------------------
+    lora_r: int = field(default=0, metadata=_doc(
+        "(int, 0): LoRA rank; > 0 trains low-rank adapters (PEFT) instead of every weight. 0 = full "
+        "fine-tuning. The run's model/ holds the merged model, adapter/ the adapter alone."))
+    lora_alpha: float = field(default=16.0, metadata=_doc(
+        "(float, 16.0): LoRA scaling numerator: the update is (lora_alpha / lora_r) * B @ A."))
+    lora_dropout: float = field(default=0.0, metadata=_doc(
+        "(float, 0.0): dropout on the adapter's input, in [0, 1)."))
+    lora_target_modules: list[str] = field(default_factory=list, metadata=_doc(
+        "(list[str], []): module names to adapt; [] = the architecture's default (GPT-2: c_attn, c_proj, "
+        "c_fc; Llama-style: q/k/v/o_proj, gate/up/down_proj; else every linear layer)."))
+    load_in_4bit: bool = field(default=False, metadata=_doc(
+        "(bool, False): QLoRA: load the base model in 4-bit NF4 (bitsandbytes, CUDA only) under the "
+        "LoRA adapters; needs lora_r > 0 and a Hub or folder model."))
 
     # -- hardware ---------------------------------------------------------------------------
     engine: Engine = field(default="dpolab", metadata=_doc(
@@ -121,6 +152,9 @@ class TrainConfig:
         "an fp32 master copy in the optimizer; GPU bf16 is autocast over fp32 weights."))
     num_threads: int | None = field(default=None, metadata=_doc(
         "(int | None, None): CPU threads for torch; None keeps torch's default."))
+    gradient_checkpointing: bool = field(default=False, metadata=_doc(
+        "(bool, False): recompute each block's activations in backward instead of storing them: less "
+        "memory, about a third more compute, same loss and gradients."))
     logps_chunk_size: int = field(default=128, metadata=_doc(
         "(int, 128): answer tokens per LM-head chunk; bounds the (chunk, vocab) logits in memory."))
     cache_dir: str | None = field(default=None, metadata=_doc(
@@ -134,7 +168,7 @@ class TrainConfig:
         """Raise :class:`ConfigError` naming the first bad field."""
         positive = ["max_length", "max_prompt_length", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-                    "logps_chunk_size"]
+                    "logps_chunk_size", "sample_max_new_tokens"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -147,6 +181,8 @@ class TrainConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"rpo_alpha must be >= 0, got {self.rpo_alpha!r}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError("label_smoothing is only defined for loss_type 'sigmoid'")
         if not 0 < self.eval_fraction < 1:
@@ -160,10 +196,24 @@ class TrainConfig:
         if self.data_format not in ("auto", "hh", "explicit", "conversational", "implicit"):
             raise ConfigError(f"data_format must be auto, hh, explicit, conversational or implicit, "
                               f"got {self.data_format!r}")
+        if self.sample_prompts < 0:
+            raise ConfigError(f"sample_prompts must be >= 0, got {self.sample_prompts!r}")
         for name in ("eval_steps", "save_steps", "max_train_pairs", "max_eval_pairs", "dataset_num_proc"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0 or null, got {value!r}")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r!r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.load_in_4bit and not self.lora_r:
+            raise ConfigError("load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set lora_r > 0 too")
+        if self.stage == "sft" and self.engine == "trl":
+            raise ConfigError("stage 'sft' runs on engine 'dpolab' only")
+        if self.lora_r and self.engine == "trl":
+            raise ConfigError("LoRA (lora_r > 0) runs on engine 'dpolab' only")
         if self.device not in ("auto", "cuda", "mps", "cpu"):
             raise ConfigError(f"device must be auto, cuda, mps or cpu, got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

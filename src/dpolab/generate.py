@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dpolab.errors import ConfigError
+from dpolab.hh import HUMAN, SAMPLING
 from dpolab.model import disable_dropout, load_model, use_fused_gelu
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,30 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     # Per-output-channel scales: one outlier row must not cost every other row its precision.
     qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
     return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8)
+
+
+def cut_answer(text: str) -> str:
+    """The assistant's turn only: a model that goes on to write the next human turn is cut there."""
+    return text.split(HUMAN, 1)[0].strip()
+
+
+@torch.no_grad()
+def sample_answer(model: nn.Module, tokenizer, prompt_ids: list[int], seed: int, max_new_tokens: int = 64,
+                  temperature: float = SAMPLING["temperature"], top_p: float = SAMPLING["top_p"]) -> str:
+    """One seeded sampled answer to a tokenized prompt, cut at the next human turn.
+
+    The same ``seed`` gives the same answer from the same model, so two models' answers differ only
+    because the models do. Sampling runs under a forked RNG: the caller's random stream (a
+    training run's) is left exactly where it was.
+    """
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)  # (1, T)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)  # (1, T + new)
+    return cut_answer(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
 
 
 @torch.no_grad()

@@ -28,8 +28,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import dpolab
 from dpolab.config import TrainConfig, save_config
 from dpolab.errors import ConfigError
+from dpolab.lora import save_final_model
 from dpolab.model import check_source, resolve_device, resolve_dtype
-from dpolab.runs import RunFolder
+from dpolab.runs import RunFolder, SweepFolder, resolve_run
 from dpolab.tracking import SystemSampler, tracker_session
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, d
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         dataloader_num_workers=0,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA).
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
 
 
@@ -155,7 +159,9 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
 
     ``engine`` is what trains it (``config.engine`` for DPO), recorded in run.json.
     """
-    check_source(config.model)  # a model that cannot load fails before any folder is made
+    for model in (config.model, config.ref_model):  # a model that cannot load fails before any folder is made
+        if model:
+            check_source(model)
     output_dir = Path(output_dir)
     if RunFolder.is_run(output_dir) and not resume:
         if RunFolder(output_dir).is_finished():
@@ -163,10 +169,20 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
         if last_complete_checkpoint(RunFolder(output_dir)):
             raise ConfigError(f"{output_dir}: an unfinished run with checkpoints is there; add --resume to continue it")
     run = RunFolder.create(output_dir, {
-        "engine": engine, "base_model": config.model, "dataset": config.dataset,
-        "data_dir": config.data_dir, "dpolab_version": dpolab.__version__})
+        "engine": engine, "stage": config.stage, "base_model": config.model, "dataset": config.dataset,
+        "data_dir": config.data_dir, "reference_model": config.ref_model or config.model,
+        **previous_stage(config.model), "dpolab_version": dpolab.__version__})
     save_config(config, run.config_path)
     return run
+
+
+def previous_stage(model: str) -> dict[str, Any]:
+    """``{"previous_stage": run.json of the run it starts from}`` when ``model`` is a dpolab run or
+    sweep folder (SFT -> DPO), so the records (and the model card) name both stages and datasets
+    even after the folders move; else ``{}``."""
+    if not (RunFolder.is_run(model) or SweepFolder.is_sweep(model)):
+        return {}
+    return {"previous_stage": resolve_run(model).info()}
 
 
 def last_complete_checkpoint(run: RunFolder) -> str | None:
@@ -230,7 +246,7 @@ def fit(run: RunFolder, config: TrainConfig, make_trainer: MakeTrainer, *, token
             eval_rows = run.metrics("eval")
 
     # Every rank: under FSDP gathering the full state dict is a collective (Trainer writes on rank 0 only).
-    trainer.save_model(str(run.model_dir))
+    save_final_model(trainer, run, config.model)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run.model_dir))
         write_summary(run, trainer, eval_rows[-1], wall_time, datasets, summary_extra or {})

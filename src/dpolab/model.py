@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from dpolab.errors import ConfigError
+from dpolab.runs import RunFolder, SweepFolder, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ def tokenizer_dir() -> Path:
 UNREADABLE = (OSError, ValueError, SafetensorError)
 
 
+def model_source(model_name: str) -> str:
+    """What ``from_pretrained`` should read: a dpolab run or sweep folder means its final (best) model,
+    so ``--model runs/sft`` starts from an SFT run; anything else is returned as given."""
+    if RunFolder.is_run(model_name) or SweepFolder.is_sweep(model_name):
+        return str(resolve_model_dir(model_name))
+    return model_name
+
+
 def check_source(model_name: str) -> dict[str, Any]:
     """Fail at once, in one line, for a model that cannot load; return ``from_pretrained`` kwargs.
 
@@ -51,7 +60,7 @@ def check_source(model_name: str) -> dict[str, Any]:
     """
     if model_name in BUILTIN_MODELS:
         return {}
-    path = Path(model_name)
+    path = Path(model_source(model_name))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model: {model_name} is not a Hugging Face model folder (no config.json)")
@@ -96,7 +105,7 @@ def load_tokenizer(model_name: str):
     else:
         kwargs = check_source(model_name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(model_source(model_name), **kwargs)
         except UNREADABLE as exc:
             raise ConfigError(f"model {model_name}: cannot load its tokenizer ({_first_line(exc)})") from None
     if tokenizer.pad_token is None:
@@ -115,14 +124,25 @@ def build_builtin(name: str) -> GPT2LMHeadModel:
     return model
 
 
-def load_model(model_name: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A causal LM from a built-in name, a local HF folder or a Hub id (``gpt2``)."""
+def load_model(model_name: str, dtype: torch.dtype | None = None, quantization_config: Any = None) -> PreTrainedModel:
+    """A causal LM from a built-in name, a local HF folder, a dpolab run / sweep folder or a Hub id.
+
+    ``quantization_config``: a ``BitsAndBytesConfig`` (QLoRA's 4-bit base), Hub or folder models only.
+    """
     if model_name in BUILTIN_MODELS:
+        if quantization_config is not None:
+            raise ConfigError(f"model: the built-in {model_name!r} cannot be loaded quantized; "
+                              "use a Hub id or a model folder with load_in_4bit")
         model = build_builtin(model_name)
         return model.to(dtype) if dtype is not None else model
     kwargs = check_source(model_name)
+    if quantization_config is not None:
+        # Quantized while loading, onto this process's GPU (bitsandbytes needs CUDA).
+        kwargs.update(quantization_config=quantization_config,
+                      device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype or torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_source(model_name), dtype=dtype or torch.float32,
+                                                     **kwargs)
     except UNREADABLE as exc:  # a truncated safetensors file, a torn config.json, missing weights
         raise ConfigError(f"model {model_name}: cannot load it ({_first_line(exc)})") from None
     # Pad = EOS, as in load_tokenizer (GPT-2 ships without a pad token).

@@ -27,7 +27,7 @@ def resolve_config_paths(values: dict[str, Any]) -> dict[str, Any]:
     """TrainConfig values with their path fields made absolute (``model``/``dataset`` only when
     they are local paths; ``cache_dir`` always)."""
     resolved = dict(values)
-    for key in ("model", "dataset"):
+    for key in ("model", "ref_model", "dataset"):
         if isinstance(resolved.get(key), str):
             resolved[key] = path_or_name(resolved[key])
     if resolved.get("cache_dir"):

@@ -136,6 +136,8 @@ class RunFolder(_RecordFolder):
     model_dir = property(lambda self: self.path / "model")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     evaluation_dir = property(lambda self: self.path / "evaluation")  # written by `dpolab evaluate`
+    adapter_dir = property(lambda self: self.path / "adapter")  # LoRA runs only: the PEFT adapter
+    samples_path = property(lambda self: self.path / "samples.jsonl")  # only with sample_prompts > 0
 
     @classmethod
     def is_run(cls, path: str | Path) -> bool:
@@ -160,6 +162,9 @@ class RunFolder(_RecordFolder):
     def has_model(self) -> bool:
         return (self.model_dir / "config.json").is_file()
 
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
     def is_finished(self) -> bool:
         """``summary.json`` is written last: its presence means training finished."""
         return self.summary_path.is_file()
@@ -182,6 +187,17 @@ class RunFolder(_RecordFolder):
 
     def append_system(self, row: dict[str, Any]) -> None:
         append_jsonl(self.system_path, row)
+
+    def samples(self, step: int | None = None) -> list[dict[str, Any]]:
+        """Sample rows (all, or one evaluation's); ``step=-1``: the latest evaluation's."""
+        rows = read_appended_jsonl(self.samples_path)
+        if step == -1 and rows:
+            step = rows[-1]["step"]
+        return [r for r in rows if step is None or r["step"] == step]
+
+    def append_samples(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            append_jsonl(self.samples_path, row)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary_path, {"format": RUN_FORMAT, **summary})

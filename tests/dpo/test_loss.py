@@ -70,3 +70,11 @@ def test_gradient_pushes_chosen_up_and_rejected_down():
     # d/dh -log sigmoid(beta h) at h = 0 is -beta/2
     assert policy_chosen.grad.item() == pytest.approx(-0.05)
     assert policy_rejected.grad.item() == pytest.approx(0.05)
+
+
+def test_chosen_nll_is_the_token_mean_not_the_pair_mean():
+    from dpolab.dpo.loss import chosen_nll
+
+    # Pair 1: 2 tokens summing to -4; pair 2: 6 tokens summing to -3. Token mean: 7/8, not (2 + 0.5)/2.
+    nll = chosen_nll(torch.tensor([-4.0, -3.0]), torch.tensor([2.0, 6.0]))
+    assert nll.item() == pytest.approx(7 / 8)

@@ -17,7 +17,7 @@ import torch
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
-from dpolab.dpo.loss import preference_loss, preference_metrics
+from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.reference import score_pairs
 from dpolab.model import build_builtin, disable_dropout, load_tokenizer, use_fused_gelu
 
@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     return tokenizer, pairs, reference, policy
 
 
-def dpolab_numbers(pairs, reference, policy, loss_type: str) -> dict[str, float]:
+def dpolab_numbers(pairs, reference, policy, loss_type: str, rpo_alpha: float = 0.0) -> dict[str, float]:
     # As the dpolab engine runs them (fused GELU); TRL keeps GPT-2's stock Python GELU.
     reference, policy = copy.deepcopy(reference), copy.deepcopy(policy)
     assert use_fused_gelu(reference) == use_fused_gelu(policy) == 2
@@ -58,13 +58,19 @@ def dpolab_numbers(pairs, reference, policy, loss_type: str) -> dict[str, float]
     losses, chosen_rewards, rejected_rewards = preference_loss(chosen, rejected, ref_chosen, ref_rejected,
                                                                beta=BETA, loss_type=loss_type,
                                                                **answer_lengths(batch))
-    return preference_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+    metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+    metrics["loss"] += rpo_alpha * chosen_nll(chosen, answer_lengths(batch)["chosen_lengths"]).item()
+    return metrics
 
 
-def trl_numbers(tmp_path, tokenizer, pairs, reference, policy, loss_type: str, precompute: bool) -> dict[str, float]:
+def trl_numbers(tmp_path, tokenizer, pairs, reference, policy, loss_type: str, precompute: bool,
+                rpo_alpha: float = 0.0) -> dict[str, float]:
     from dpolab.dpo.trl_engine import pretokenized_trainer_class
 
-    args = trl.DPOConfig(output_dir=str(tmp_path), beta=BETA, loss_type=[loss_type], max_length=512,
+    # TRL 1.16's RPO: its "sft" loss (mean chosen-token NLL) added with weight alpha.
+    losses = {"loss_type": [loss_type, "sft"], "loss_weights": [1.0, rpo_alpha]} if rpo_alpha else \
+        {"loss_type": [loss_type]}
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=BETA, **losses, max_length=512,
                          precompute_ref_log_probs=precompute, gradient_checkpointing=False, bf16=False,
                          use_cpu=True, report_to="none", per_device_train_batch_size=N_PAIRS,
                          dataloader_num_workers=0)
@@ -98,6 +104,16 @@ def test_dpolab_matches_trl_dpotrainer(setup, tmp_path, loss_type, precompute):
     for key in METRICS:
         # Absolute 1e-4 even for summed log-probs of O(-300) (fp32 rounding there is ~3e-5).
         assert abs(ours[key] - theirs[key]) <= 1e-4, (key, ours[key], theirs[key], json.dumps(ours))
+
+
+def test_rpo_alpha_matches_trl_dpotrainer_sft_term(setup, tmp_path):
+    """--rpo-alpha 0.5: DPO + 0.5 x chosen-token NLL, against TRL 1.16's loss_type ["sigmoid", "sft"]."""
+    tokenizer, pairs, reference, policy = setup
+    plain = dpolab_numbers(pairs, reference, policy, "sigmoid")
+    ours = dpolab_numbers(pairs, reference, policy, "sigmoid", rpo_alpha=0.5)
+    theirs = trl_numbers(tmp_path, tokenizer, pairs, reference, policy, "sigmoid", precompute=False, rpo_alpha=0.5)
+    assert ours["loss"] - plain["loss"] > 1.0  # the term is really in (a random model: NLL ~ ln 50257 = 10.8)
+    assert abs(ours["loss"] - theirs["loss"]) <= 1e-4, (ours["loss"], theirs["loss"])
 
 
 def test_trl_engine_writes_a_run_folder(tmp_path):

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from dpolab.evaluate.generation import count_wins, cut_answer, wilson_interval
+from dpolab.evaluate.generation import count_wins, wilson_interval
+from dpolab.generate import cut_answer
 from dpolab.runs import RunFolder, read_appended_jsonl
 
 

@@ -205,13 +205,15 @@ class PreferenceCollator:
 
     Each example has ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (already truncated to the
     budget, EOS included) and optionally ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    ``answer_keys=("chosen_ids",)`` gives SFT's batch of B prompt + chosen sequences instead.
     """
 
     pad_token_id: int
+    answer_keys: tuple[str, ...] = ("chosen_ids", "rejected_ids")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences, answer_masks = [], []
-        for answer_key in ("chosen_ids", "rejected_ids"):
+        for answer_key in self.answer_keys:
             for example in examples:
                 prompt, answer = list(example["prompt_ids"]), list(example[answer_key])
                 sequences.append(torch.tensor(prompt + answer, dtype=torch.long))

@@ -92,3 +92,20 @@ def preference_metrics(
         "logps/chosen": policy_chosen_logps.detach().mean().item(),
         "logps/rejected": policy_rejected_logps.detach().mean().item(),
     }
+
+
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of the chosen answers: the RPO / NLL term.
+
+    RPO (arXiv 2404.19733) adds ``rpo_alpha`` times this to the DPO loss so the chosen answers'
+    likelihood cannot fall while the margin grows (TRL 1.16: ``loss_type=[..., "sft"]`` with
+    weight alpha; OpenRLHF: ``nll_loss_coef``). The mean is over every chosen answer token of the
+    batch, as TRL takes it, so a summed log-prob over total length gives it exactly.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-prob of each chosen answer under the policy.
+        chosen_lengths: (B,) answer tokens of each chosen answer.
+
+    Returns: () scalar.
+    """
+    return -policy_chosen_logps.sum() / chosen_lengths.sum()

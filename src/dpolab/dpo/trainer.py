@@ -24,11 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from dpolab.config import TrainConfig
 from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
 from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
-from dpolab.dpo.loss import preference_loss, preference_metrics
+from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
-from dpolab.dpo.reference import add_reference_logps
+from dpolab.dpo.reference import add_reference_logps, load_reference
+from dpolab.dpo.samples import sample_callbacks
 from dpolab.dpo.trl_engine import train_trl
+from dpolab.errors import ConfigError
 from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_arguments
+from dpolab.lora import add_adapters, quantization_config, uses_lora
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
 from dpolab.runs import RunFolder
 from dpolab.tracking import SystemSampler
@@ -60,12 +63,12 @@ class DpolabTrainer(Trainer):
         with self.accelerator.autocast():
             policy_chosen_logps, policy_rejected_logps = concatenated_forward(
                 model, inputs, self.dpo_config.logps_chunk_size)  # (B,), (B,)
+        lengths = answer_lengths(inputs)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps,
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             beta=self.dpo_config.beta, loss_type=self.dpo_config.loss_type,
-            label_smoothing=self.dpo_config.label_smoothing,
-            **answer_lengths(inputs))
+            label_smoothing=self.dpo_config.label_smoothing, **lengths)
         mode = "train" if model.training else "eval"
         if mode == "train":
             self.pairs_seen += policy_chosen_logps.shape[0]
@@ -73,9 +76,11 @@ class DpolabTrainer(Trainer):
         # Gather per-pair values from every process so logged means cover the global batch.
         values = (losses.detach(), chosen_rewards, rejected_rewards,
                   policy_chosen_logps.detach(), policy_rejected_logps.detach())
-        for key, value in zip(PER_PAIR_KEYS, values, strict=True):
+        for key, value in zip((*PER_PAIR_KEYS, "chosen_lengths"), (*values, lengths["chosen_lengths"]), strict=True):
             self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(value).float().cpu())
         loss = losses.mean()
+        if self.dpo_config.rpo_alpha:
+            loss = loss + self.dpo_config.rpo_alpha * chosen_nll(policy_chosen_logps, lengths["chosen_lengths"])
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -90,6 +95,10 @@ class DpolabTrainer(Trainer):
         per_pair = {k: torch.cat(v) for k, v in self._per_pair[mode].items() if v}
         if per_pair:
             metrics = preference_metrics(*(per_pair[k] for k in PER_PAIR_KEYS))
+            if self.dpo_config.rpo_alpha:
+                # Over every chosen token logged since the last log (TRL's token mean, window-wide).
+                metrics["nll_loss"] = chosen_nll(per_pair["policy_chosen_logps"], per_pair["chosen_lengths"]).item()
+                metrics["loss"] += self.dpo_config.rpo_alpha * metrics["nll_loss"]
             if mode == "train":
                 metrics.pop("loss")  # Trainer's own running mean of the optimised loss is the same number
             prefix = "eval_" if mode == "eval" else ""
@@ -119,17 +128,24 @@ def load_prepared(config: TrainConfig) -> Prepared:
     device, dtype = resolve_hardware(config)
     tokenizer = load_tokenizer(config.model)
     bind_template(tokenizer, config.chat_template)  # saved with the model: serve renders chats the same way
-    model = load_model(config.model)
+    model = load_model(config.model, quantization_config=quantization_config(config, device))
     disable_dropout(model)
     use_fused_gelu(model)
     if uses_bf16_weights(device, dtype):
         model.to(torch.bfloat16)  # the reference pass scores with the same bf16 weights the policy starts from
     datasets, report, data_key = prepare_data(config, tokenizer)
     # Under torchrun / accelerate launch each process scores the reference on its own GPU.
-    model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device)
+    target = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed by from_pretrained
+        model.to(target)
+    # A separate reference (ref_model) lives only for its one pass.
+    reference = load_reference(config.ref_model, model, target) if config.ref_model else model
     datasets, reference_info = add_reference_logps(
-        model, datasets, data_key, Path(config.cache_dir or default_cache_dir()), tokenizer.pad_token_id,
+        reference, datasets, data_key, Path(config.cache_dir or default_cache_dir()), tokenizer.pad_token_id,
         batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size)
+    del reference
+    if uses_lora(config):  # after the reference pass: it scored the base model, adapters are a no-op on it
+        model = add_adapters(model, config)
     return Prepared(tokenizer, model, datasets, report, reference_info, device, dtype)
 
 
@@ -138,6 +154,8 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     """Train with DPO on the engine ``config.engine`` names and return the finished run folder
     (see docs/run-folder.md). ``callbacks`` are extra ``TrainerCallback``s (the sweep's pruning callback).
     """
+    if config.stage != "dpo":
+        raise ConfigError(f"stage {config.stage!r} is not DPO: run it with `dpolab {config.stage}` or a sweep")
     if config.engine == "trl":
         return train_trl(config, output_dir, resume, callbacks)
     run = prepare_run(config, output_dir, resume, engine="dpolab")
@@ -153,7 +171,9 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
                 master_weight_optimizer(DpolabTrainer, args, prepared.model) if bf16_weights else None),
             train_dataset=prepared.datasets["train"], eval_dataset=prepared.datasets["eval"],
             data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id), processing_class=prepared.tokenizer,
-            callbacks=trainer_callbacks, dpo_config=config, system_sampler=sampler)
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, prepared.tokenizer, prepared.datasets["eval"],
+                                                             prepared.reference_info["reference_key"], config.beta)],
+            dpo_config=config, system_sampler=sampler)
 
     return fit(run, config, make_trainer, tokenizer=prepared.tokenizer, datasets=prepared.datasets,
                resume=resume, summary_extra=prepared.reference_info, callbacks=callbacks)

@@ -25,6 +25,7 @@ from typing import Any
 
 from dpolab.config import TrainConfig
 from dpolab.data import bind_template, prepare_data
+from dpolab.dpo.samples import sample_callbacks
 from dpolab.errors import ConfigError
 from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_argument_kwargs
 from dpolab.model import disable_dropout, load_model, load_tokenizer
@@ -82,7 +83,7 @@ def pretokenized_trainer_class() -> type:
 def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **overrides: Any) -> Any:
     """``trl.DPOConfig`` from our config: the shared Trainer fields plus the DPO ones.
 
-    ``gradient_checkpointing`` is off and ``bf16`` follows our ``dtype`` (TRL's defaults are on / on):
+    ``gradient_checkpointing`` and ``bf16`` follow our config (TRL's defaults are on / on):
     the same config must mean the same compute in both engines.
     """
     trl = import_trl()
@@ -92,10 +93,11 @@ def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **o
     kwargs = training_argument_kwargs(config, run, device, dtype)
     kwargs.update(
         beta=config.beta,
-        loss_type=[config.loss_type],
+        # TRL 1.16 has no rpo_alpha argument: RPO is its "sft" loss added with weight alpha.
+        loss_type=[config.loss_type, "sft"] if config.rpo_alpha else [config.loss_type],
+        loss_weights=[1.0, config.rpo_alpha] if config.rpo_alpha else None,
         max_length=config.max_length,
         precompute_ref_log_probs=False,
-        gradient_checkpointing=False,
         disable_dropout=True,
     )
     kwargs.update(overrides)
@@ -113,7 +115,7 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     device, dtype = resolve_hardware(config)
     tokenizer = load_tokenizer(config.model)
     bind_template(tokenizer, config.chat_template)
-    model, reference = load_model(config.model), load_model(config.model)
+    model, reference = load_model(config.model), load_model(config.ref_model or config.model)
     for m in (model, reference):
         disable_dropout(m)
     datasets, report, _ = prepare_data(config, tokenizer)
@@ -124,7 +126,8 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         return trainer_class(
             model=model, ref_model=reference, args=dpo_config(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"], processing_class=tokenizer,
-            callbacks=trainer_callbacks, system_sampler=sampler)
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, tokenizer, datasets["eval"], None, config.beta)],
+            system_sampler=sampler)
 
     # TRL scores the reference inside every step: no separate pass, no cache.
     reference_info = {"reference_cache": "none", "reference_time_s": 0.0, "reference_key": None}

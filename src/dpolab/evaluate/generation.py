@@ -14,14 +14,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpolab.hh import HUMAN, SAMPLING
+from dpolab.generate import sample_answer
+from dpolab.hh import SAMPLING
 
 logger = logging.getLogger(__name__)
-
-
-def cut_answer(text: str) -> str:
-    """The assistant's turn only: a model that goes on to write the next human turn is cut there."""
-    return text.split(HUMAN, 1)[0].strip()
 
 
 @torch.no_grad()
@@ -37,15 +33,9 @@ def generate_answers(policy, reference, tokenizer, eval_dataset, n_prompts: int,
     n = min(n_prompts, len(eval_dataset))
     for i in tqdm(range(n), desc="generation", unit="prompt"):
         item = eval_dataset[i]
-        answers = {}
-        for label, model in (("policy", policy), ("reference", reference)):
-            device = next(model.parameters()).device
-            input_ids = torch.tensor([item["prompt_ids"]], device=device)
-            torch.manual_seed(seed + i)
-            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers[label] = cut_answer(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+        answers = {label: sample_answer(model, tokenizer, item["prompt_ids"], seed + i, max_new_tokens,
+                                        temperature, top_p)
+                   for label, model in (("policy", policy), ("reference", reference))}
         rows.append({"index": i, "seed": seed + i, "prompt": item["prompt"], "policy": answers["policy"],
                      "reference": answers["reference"], "chosen": item["chosen"].strip(),
                      "rejected": item["rejected"].strip()})

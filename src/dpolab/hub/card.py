@@ -108,18 +108,22 @@ def eval_results(run: RunFolder) -> tuple[list[EvalResult], dict[str, float]]:
     return results, values
 
 
-def card_data(run: RunFolder) -> ModelCardData:
+def card_data(run: RunFolder, adapter_only: bool = False) -> ModelCardData:
     info = run.info()
     base, dataset = info.get("base_model", ""), info.get("dataset", "")
+    previous = info.get("previous_stage") or {}
+    if previous:  # SFT -> DPO: the pretrained base is the SFT run's
+        base = previous.get("base_model", base)
+    datasets = {HH_RLHF for d in (dataset, previous.get("dataset")) if d in HH_RLHF_SOURCES}
     results, _ = eval_results(run)
     return ModelCardData(
         language="en",
         license="mit",
-        library_name="transformers",
+        library_name="peft" if adapter_only else "transformers",
         # Only a real Hub id: the Hub links base_model to that repo, and a built-in is not one.
         base_model=base if is_hub_model_id(base) else None,
-        datasets=[HH_RLHF] if dataset in HH_RLHF_SOURCES else None,
-        tags=TAGS,
+        datasets=sorted(datasets) or None,
+        tags=[*TAGS, "lora", "peft"] if adapter_only else TAGS,
         pipeline_tag="text-generation",
         model_name=info.get("name", run.path.name),
         eval_results=results or None,
@@ -129,16 +133,17 @@ def card_data(run: RunFolder) -> ModelCardData:
     )
 
 
-def _base_model_text(base: str) -> str:
+def _base_model_text(base: str, is_reference: bool = True) -> str:
     if base in BUILTIN_MODELS:
         shape = BUILTIN_MODELS[base]
         return (f"`{base}`, a dpolab built-in: the GPT-2 architecture (n_layer={shape['n_layer']}, "
                 f"n_embd={shape['n_embd']}, n_head={shape['n_head']}) with a **seeded random initialisation** "
                 "and the real GPT-2 tokenizer. It is *not* pretrained GPT-2, so expect little fluency: such "
                 "models exist to test the training pipeline end to end.")
+    role = " (also the frozen DPO reference model)" if is_reference else ""
     if is_hub_model_id(base):
-        return f"[`{base}`](https://huggingface.co/{base}) (also the frozen DPO reference model)."
-    return f"`{base}`, a local model folder (also the frozen DPO reference model)."
+        return f"[`{base}`](https://huggingface.co/{base}){role}."
+    return f"`{base}`, a local model folder{role}."
 
 
 def _dataset_text(info: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
@@ -181,7 +186,42 @@ def _sources_lines(report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_id: str | None) -> str:
+def _lora_text(config: dict[str, Any], base: str, adapter_only: bool, model_ref: str) -> list[str]:
+    """How the LoRA run trained, and for an adapter-only export how to load it onto its base."""
+    targets = ", ".join(config.get("lora_target_modules") or []) or "the architecture's default modules"
+    out = [f"Parameter-efficient: LoRA adapters (rank {config['lora_r']}, alpha {_fmt(config.get('lora_alpha'))}, "
+           f"on {targets}) trained on the frozen base model" +
+           (" loaded in 4-bit NF4 (QLoRA)." if config.get("load_in_4bit") else "."), ""]
+    if adapter_only:
+        out += [f"**This repository holds the LoRA adapter only**, not full weights: apply it to the base "
+                f"model `{base}` (the base named in `adapter_config.json`):", "", "```python",
+                "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+                f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                f'model = PeftModel.from_pretrained(base, "{model_ref}")', "```", ""]
+    return out
+
+
+def _stages_text(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """What trained the model: SFT, DPO, or the standard recipe's SFT then DPO (both stages named)."""
+    dpo = (f"DPO (Rafailov et al., 2023) with loss type `{config.get('loss_type')}` and beta = "
+           f"{_fmt(config.get('beta'))}: the policy is trained directly on preference pairs")
+    if info.get("stage") == "sft":
+        return [f"Supervised fine-tuning (SFT) of `{info.get('base_model')}` on the chosen answers of "
+                f"`{info.get('dataset')}`; the loss is the answer tokens' negative log-likelihood (prompt "
+                "tokens are context only). This is the first stage of the DPO recipe.", ""]
+    previous = info.get("previous_stage")
+    if not previous:
+        return [f"{dpo}, with the frozen base model as the reference; no reward model and no RL loop. The loss "
+                "is computed on answer tokens only.", ""]
+    return ["Two stages, the DPO paper's recipe:", "",
+            f"1. **SFT**: supervised fine-tuning of `{previous.get('base_model')}` on the chosen answers of "
+            f"`{previous.get('dataset')}` (run `{previous.get('name')}`).",
+            f"2. **DPO** on `{info.get('dataset')}`: {dpo}, starting from the SFT model, which is also the "
+            "frozen reference. The loss is computed on answer tokens only.", ""]
+
+
+def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_id: str | None,
+              adapter_only: bool = False) -> str:
     info, config, summary = run.info(), run.config(), run.summary()
     report = _optional(run.data_report)
     name = info.get("name", run.path.name)
@@ -192,7 +232,9 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
         "A GPT-2-architecture causal language model fine-tuned with **Direct Preference Optimization "
         "(DPO)** on Anthropic's HH-RLHF human preference pairs (helpfulness / harmlessness), trained with "
         "dpolab.", "",
-        f"- Base model: {_base_model_text(info.get('base_model', ''))}",
+        f"- Base model: {_base_model_text((info.get('previous_stage') or info).get('base_model', ''), not info.get('previous_stage'))}" + (
+            " Fine-tuned by SFT first; the SFT model is the DPO reference (see Training procedure)."
+            if info.get("previous_stage") else ""),
         f"- Training engine: `{info.get('engine', 'dpolab')}`" + (
             f", dpolab {info['dpolab_version']}" if info.get("dpolab_version") else ""),
     ]
@@ -216,11 +258,9 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
     out += ["", "Reward accuracy is the fraction of pairs whose implicit reward "
             "beta * log(pi(y|x) / pi_ref(y|x)) ranks the chosen answer above the rejected one; the margin is "
             "the mean reward gap.", ""]
-    out += ["## Training procedure", "",
-            f"DPO (Rafailov et al., 2023) with loss type `{config.get('loss_type')}` and beta = "
-            f"{_fmt(config.get('beta'))}: the policy is trained directly on preference pairs, with the frozen "
-            "base model as the reference; no reward model and no RL loop. The loss is computed on answer "
-            "tokens only.", ""]
+    out += ["## Training procedure", "", *_stages_text(info, config)]
+    if config.get("lora_r"):
+        out += _lora_text(config, info.get("base_model", ""), adapter_only, model_ref)
     out += _dataset_text(info, report)
     out += ["", "### Hyperparameters", "", "| hyperparameter | value |", "|---|---|"]
     out += [f"| {label} | {_fmt(config[key])} |" for key, label in HYPERPARAMETERS if key in config]
@@ -274,10 +314,10 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
 
 
 def build_card(run: RunFolder, sweep: SweepFolder | None = None, plots: list[str] | None = None,
-               repo_id: str | None = None) -> ModelCard:
+               repo_id: str | None = None, adapter_only: bool = False) -> ModelCard:
     """The card for ``run``; ``plots`` are paths relative to the export folder; ``repo_id`` only
-    fills the usage snippets."""
-    data = card_data(run)
+    fills the usage snippets; ``adapter_only``: the export holds a LoRA adapter, not full weights."""
+    data = card_data(run, adapter_only)
     # to_yaml keeps ModelCardData's fixed field order: the metadata block is the same every time.
-    content = f"---\n{data.to_yaml()}\n---\n\n{card_body(run, sweep, plots or [], repo_id)}"
+    content = f"---\n{data.to_yaml()}\n---\n\n{card_body(run, sweep, plots or [], repo_id, adapter_only)}"
     return ModelCard(content)

@@ -15,7 +15,7 @@ from dpolab.paths import user_path
 def cmd_export(args: argparse.Namespace) -> int:
     from dpolab.hub.export import export
 
-    result = export(args.source, args.out_dir, repo_id=args.repo_id)
+    result = export(args.source, args.out_dir, repo_id=args.repo_id, adapter_only=args.adapter_only)
     print(f"exported {result.run.path} to {result.out_dir} ({len(result.files)} files)")
     for rel in result.files:
         print(f"  {rel}")
@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", type=user_path, metavar="OUT_DIR", help="new or empty folder, or an earlier export to replace")
     p.add_argument("--repo-id", default=None, metavar="USER/NAME",
                    help="Hub repo id to show in the card's usage snippets (default: a USER/NAME placeholder)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="LoRA runs: export the PEFT adapter alone (MBs) instead of the merged model")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(

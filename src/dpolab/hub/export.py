@@ -23,6 +23,8 @@ from dpolab.runs import RunFolder, SweepFolder, resolve_run
 
 EOS_ID = 50256  # GPT-2's <|endoftext|>: EOS, BOS and (dpolab's choice) padding
 REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
+# An --adapter-only export of a LoRA run: the PEFT adapter instead of full weights.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PLOTS_DIR = "plots"
 
 
@@ -36,7 +38,8 @@ class ExportResult:
 def is_export(path: str | Path) -> bool:
     """A folder ``dpolab export`` wrote: the HF files plus a model card tagged ``dpolab``."""
     path = Path(path)
-    if not all((path / name).is_file() for name in REQUIRED_FILES):
+    if not any(all((path / name).is_file() for name in files)
+               for files in (REQUIRED_FILES, (*ADAPTER_FILES, "README.md"))):
         return False
     from huggingface_hub import ModelCard
 
@@ -67,6 +70,15 @@ def _save_model(run: RunFolder, out: Path) -> None:
     model.save_pretrained(out)  # transformers 5 always writes safetensors (no pickle option left)
 
 
+def _save_adapter(run: RunFolder, out: Path) -> None:
+    """The LoRA adapter as training saved it; its config names the base model it applies to."""
+    if not run.has_adapter():
+        raise RunFolderError(f"{run.path}: not a LoRA run (no adapter/); --adapter-only needs a run trained "
+                             "with lora_r > 0")
+    for name in ADAPTER_FILES:
+        shutil.copyfile(run.adapter_dir / name, out / name)
+
+
 def _save_tokenizer(run: RunFolder, out: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -95,8 +107,12 @@ def _copy_report(sweep: SweepFolder | None, out: Path) -> list[str]:
     return plots
 
 
-def export(source: str | Path, out_dir: str | Path, repo_id: str | None = None) -> ExportResult:
+def export(source: str | Path, out_dir: str | Path, repo_id: str | None = None,
+           adapter_only: bool = False) -> ExportResult:
     """Export ``source`` (run folder, or sweep folder -> its best trial) to ``out_dir``.
+
+    A LoRA run exports its merged model (a plain HF folder) unless ``adapter_only``: then the
+    PEFT adapter alone, with a card naming its base model.
 
     ``out_dir`` must be absent, empty or an earlier export (which is replaced whole, so files of an
     older export never linger). ``repo_id`` only fills the card's usage snippets.
@@ -122,10 +138,10 @@ def export(source: str | Path, out_dir: str | Path, repo_id: str | None = None) 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        _save_model(run, partial)
+        (_save_adapter if adapter_only else _save_model)(run, partial)
         _save_tokenizer(run, partial)
         plots = _copy_report(sweep, partial)
-        card = build_card(run, sweep, plots, repo_id)
+        card = build_card(run, sweep, plots, repo_id, adapter_only=adapter_only)
         (partial / "README.md").write_text(card.content, encoding="utf-8", newline="\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -23,6 +23,7 @@ class TrialRecords:
     system: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     is_best: bool = False
+    samples: list[dict[str, Any]] = field(default_factory=list)  # the latest evaluation's (sample_prompts > 0)
 
     @property
     def finished(self) -> bool:
@@ -37,6 +38,7 @@ class ReportData:
     trials: list[TrialRecords]
     info: dict[str, Any] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    sft: TrialRecords | None = None  # the SFT run the DPO trials started from (the recipe's stage 1)
 
     @property
     def path(self) -> Path:
@@ -52,11 +54,30 @@ def _read_run(run: RunFolder, name: str, state: str) -> TrialRecords:
     record.train = [r for r in run.metrics("train") if "loss" in r]
     record.eval = run.metrics("eval")
     record.system = run.system()
+    record.samples = run.samples(step=-1)
     return record
+
+
+def _sft_stage(trials: list[TrialRecords]) -> TrialRecords | None:
+    """The SFT run the trials' ``model`` names, when it is one (SFT -> DPO)."""
+    for model in {str(t.config.get("model")) for t in trials if t.config.get("model")}:
+        if not RunFolder.is_run(model):
+            continue
+        run = RunFolder.open(model)
+        info = run.info()
+        if info.get("stage") == "sft":
+            return _read_run(run, info.get("name", run.path.name), "complete")
+    return None
 
 
 def collect(path: str | Path) -> ReportData:
     """Records of a sweep folder (every trial, failed ones included) or of a single run folder."""
+    data = _collect(path)
+    data.sft = _sft_stage(data.trials)
+    return data
+
+
+def _collect(path: str | Path) -> ReportData:
     path = Path(path)
     if SweepFolder.is_sweep(path):
         sweep = SweepFolder.open(path)

@@ -61,6 +61,36 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
+def _sft_section(data: ReportData) -> str:
+    """Stage 1 of the recipe, when the runs started from an SFT run: its held-out answer NLL per evaluation."""
+    sft = data.sft
+    if sft is None:
+        return ""
+    rows = "".join(f"<tr><td>{r['step']}</td><td>{r['loss']:.4f}</td></tr>" for r in sft.eval)
+    return (f"<h2>Stage 1: SFT ({html.escape(sft.name)})</h2>\n<p class='meta'>supervised fine-tuning of "
+            f"<code>{html.escape(str(sft.config.get('model')))}</code> on the chosen answers of "
+            f"<code>{html.escape(str(sft.config.get('dataset')))}</code>; the DPO stage below starts from it "
+            "and uses it as the reference.</p>\n<table class='hp-table'><tr><th>step</th><th>held-out answer "
+            f"NLL</th></tr>{rows}</table>\n<h2>Stage 2: DPO</h2>\n")
+
+
+def _reward_cell(reward: float | None) -> str:
+    return "" if reward is None else f"{reward:.3f}"  # SFT samples have no implicit reward
+
+
+def _samples_section(data: ReportData) -> str:
+    """The latest samples of each trial that recorded some: policy vs reference on fixed held-out prompts."""
+    parts = []
+    for trial in (t for t in data.trials if t.samples):
+        rows = "".join(
+            f"<tr><td>{html.escape(s['prompt'][-300:])}</td><td>{html.escape(s['policy'])}</td>"
+            f"<td>{html.escape(s['reference'])}</td><td>{_reward_cell(s['reward'])}</td></tr>"
+            for s in trial.samples)
+        parts.append(f"<h3>{html.escape(trial.name)} (step {trial.samples[0]['step']})</h3>\n<table class='hp-table'>"
+                     f"<tr><th>prompt (end)</th><th>policy</th><th>reference</th><th>implicit reward</th></tr>{rows}</table>")
+    return "<h2>Samples (latest evaluation)</h2>\n" + "\n".join(parts) + "\n" if parts else ""
+
+
 def render_html(data: ReportData, table_html: str, images: dict[str, bytes]) -> str:
     meta = []
     if data.kind == "sweep":
@@ -89,12 +119,12 @@ def render_html(data: ReportData, table_html: str, images: dict[str, bytes]) -> 
 <body>
 <h1>{html.escape(data.title)}</h1>
 <p class="meta">{"<br>".join(meta)}<br>folder: <code>{html.escape(str(data.path))}</code> · generated {generated}</p>
-<h2>Hyper-parameters and results</h2>
+{_sft_section(data)}<h2>Hyper-parameters and results</h2>
 {table_html}
 <p class="meta">★ = best configuration. Eval metrics are on held-out pairs at the end of training.</p>
 <h2>Charts</h2>
 {figures}
-<h2>Table as an image</h2>
+{_samples_section(data)}<h2>Table as an image</h2>
 <figure>{_img(images["table.png"], "hyper-parameter table")}</figure>
 </body></html>
 """

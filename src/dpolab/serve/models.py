@@ -18,6 +18,7 @@ DEFAULT_BETA = TrainConfig.beta  # used (and said so) when nothing records the m
 HYPERPARAMETERS = ("beta", "loss_type", "label_smoothing", "learning_rate", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio",
                    "max_length", "max_prompt_length", "max_train_pairs", "seed")
+ADAPTER_CONFIG = "adapter_config.json"
 EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
@@ -83,6 +84,10 @@ def describe(source: str) -> tuple[dict[str, Any], RunFolder | None, Path | None
     elif RunFolder.is_run(path):
         run = resolve_run(path)
         info["kind"] = "run"
+    elif (path / ADAPTER_CONFIG).is_file():  # `dpolab export --adapter-only`: a LoRA adapter on a named base
+        from dpolab.lora import adapter_base
+
+        info.update(kind="adapter", base_model=adapter_base(path))
     elif is_model_folder(path):
         info["kind"] = "export"
         if RunFolder.is_run(path.parent):  # someone passed runs/NAME/model: use its run's records
@@ -195,11 +200,14 @@ def load_served_models(source: str, reference: str | None = None, precision: str
     """Load the DPO model behind ``source`` and its reference (``reference`` or the run's base model),
     both in ``precision`` (see :func:`dpolab.generate.load_for_generation`)."""
     info, run, sweep_dir = describe(source)
-    model_dir = str(resolve_model_dir(source)) if info["kind"] in ("run", "sweep", "export") else source
-    policy = load_one(_model_name(source, info), model_dir, precision)
+    if info["kind"] == "adapter":
+        policy, ref = load_adapter(_model_name(source, info), source, reference, precision)
+    else:
+        model_dir = str(resolve_model_dir(source)) if info["kind"] in ("run", "sweep", "export") else source
+        policy = load_one(_model_name(source, info), model_dir, precision)
+        ref = None
     reference_source = reference or info.get("base_model")
-    ref = None
-    if reference_source:
+    if reference_source and ref is None:
         ref_id = str(reference_source)
         if ref_id == policy.id:
             ref_id = f"{ref_id}-reference"
@@ -216,6 +224,51 @@ def load_served_models(source: str, reference: str | None = None, precision: str
                         "pass --reference BASE to enable compare mode and rewards")
     return ServedModels(policy=policy, reference=ref, beta=DEFAULT_BETA if beta is None else beta,
                         beta_known=beta is not None, info=info, sweep_dir=sweep_dir)
+
+
+class AdapterView:
+    """A LoRA model seen with its adapter on (the policy) or off (the reference: its base), so an
+    adapter-only export serves policy and reference from ONE model in memory. Each call holds a lock
+    shared by both views while it sets the adapter state, so concurrent requests never see the other's."""
+
+    def __init__(self, peft_model: Any, enabled: bool, lock: Any) -> None:
+        self.module = peft_model  # ``module``: what dpolab.dpo.logps unwraps to find the LM head
+        self.enabled = enabled
+        self.lock = lock
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        from contextlib import nullcontext
+
+        with self.lock, (nullcontext() if self.enabled else self.module.disable_adapter()):
+            return getattr(self.module, method)(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("__call__", *args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("generate", *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # config, generation_config, parameters(), eval(), ...
+        return getattr(self.__dict__["module"], name)
+
+
+def load_adapter(model_id: str, source: str, reference: str | None, precision: str) -> tuple[LoadedModel, LoadedModel | None]:
+    """(policy, reference) of an adapter-only export: its base with the adapter on, and, unless a
+    separate ``reference`` is given, the same model with the adapter off (the DPO reference)."""
+    import threading
+
+    from dpolab.lora import load_adapter_model
+
+    if precision != "fp32":
+        raise DpolabError(f"{source}: an adapter-only export is served in fp32 only (got --precision {precision})")
+    base = load_one(f"{model_id}-base", describe(source)[0]["base_model"], precision)
+    peft_model = load_adapter_model(source, base.model).eval()
+    lock = threading.RLock()
+    policy = LoadedModel(id=model_id, source=source, model=AdapterView(peft_model, True, lock), tokenizer=base.tokenizer)
+    if reference:
+        return policy, None  # the caller loads the separate reference
+    return policy, LoadedModel(id=f"{model_id}-reference", source=base.source,
+                               model=AdapterView(peft_model, False, lock), tokenizer=base.tokenizer)
 
 
 def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:

@@ -31,7 +31,7 @@ from dpolab.tracking import env_defaults, sweep_tracker_defaults
 logger = logging.getLogger(__name__)
 
 # Fields that change the tokenized data or the reference log-probs (their cache keys).
-DATA_FIELDS = ("model", "dataset", "data_dir", "eval_fraction", "max_train_pairs", "max_eval_pairs",
+DATA_FIELDS = ("model", "ref_model", "dataset", "data_dir", "eval_fraction", "max_train_pairs", "max_eval_pairs",
                "skip_bad_rows", "max_length", "max_prompt_length", "seed", "cache_dir")
 
 
@@ -120,6 +120,8 @@ def fill_caches(config: SweepConfig) -> list[dict[str, Any]]:
             train_config = TrainConfig.from_dict(value, source="sweep")
         except ConfigError:
             continue  # that trial will fail on its own, with this error
+        if train_config.stage == "sft":
+            continue  # SFT has no reference pass (its data cache fills with the first trial)
         key = tuple(str(getattr(train_config, f)) for f in DATA_FIELDS)
         if key in seen:
             continue
@@ -180,7 +182,7 @@ def run_sweep(config: SweepConfig, sweep_dir: str | Path, storage: str | None = 
 def run_trial(study: optuna.Study, trial: optuna.Trial, config: SweepConfig, sweep: SweepFolder,
               backend: optuna.storages.RDBStorage) -> TrialState:
     """Train one trial and tell the study how it ended. Never raises for a failed trial."""
-    from dpolab.dpo.trainer import train
+    from dpolab.stages import train
 
     attrs = trial.user_attrs
     name = attrs.get(st.NAME_ATTR) or f"trial-{trial.number:03d}"

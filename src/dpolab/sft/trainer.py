@@ -1,0 +1,98 @@
+"""Supervised fine-tuning (SFT): the first stage of the standard recipe, before DPO.
+
+The DPO paper's recipe first fine-tunes the base model on the preferred answers, then runs DPO with
+that SFT model as policy start and reference (``dpolab train --model runs/sft``). SFT reads the
+same prepared pairs as DPO (same data cache) and trains on ``prompt + chosen``; the loss is the
+mean negative log-likelihood of the answer tokens only, through DPO's answer-only chunked LM head:
+prompt tokens are context, never targets, and no (B, T, V) logits tensor is ever built.
+
+Everything around ``Trainer.train`` (run folder, resume, trackers, summary, LoRA save) is
+:mod:`dpolab.lifecycle`, shared with the DPO engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from dpolab.config import TrainConfig
+from dpolab.data import prepare_data
+from dpolab.dpo.logps import PreferenceCollator, sequence_logps
+from dpolab.dpo.loss import chosen_nll
+from dpolab.dpo.samples import sample_callbacks
+from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_arguments
+from dpolab.lora import add_adapters, quantization_config, uses_lora
+from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
+from dpolab.runs import RunFolder
+from dpolab.tracking import SystemSampler
+
+logger = logging.getLogger(__name__)
+
+SFT_ANSWER = ("chosen_ids",)  # SFT imitates the preferred answer of each pair
+
+
+class SFTEngine(Trainer):
+    """``Trainer`` whose loss is the mean NLL of the answer tokens of a batch of (B, T) sequences."""
+
+    def __init__(self, *args: Any, sft_config: TrainConfig, system_sampler: SystemSampler | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sft_config = sft_config
+        self.system_sampler = system_sampler
+        # The loss is already a per-token mean: Trainer divides it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.pairs_seen = 0
+        self.tokens_seen = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        answer_logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["answer_mask"],
+                                      self.sft_config.logps_chunk_size)  # (B,)
+        loss = chosen_nll(answer_logps, inputs["answer_mask"].sum(1))  # mean over every answer token
+        if model.training:
+            self.pairs_seen += answer_logps.shape[0]
+            self.tokens_seen += int(inputs["attention_mask"].sum())
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # No logits to return: evaluation is the held-out answer NLL.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.system_sampler is not None:
+            logs.update(self.system_sampler.latest())
+        super().log(logs, start_time)
+
+
+def train_sft(config: TrainConfig, output_dir: str | Path, resume: bool = False,
+              callbacks: list[TrainerCallback] | None = None) -> RunFolder:
+    """Fine-tune ``config.model`` on the chosen answers of ``config.dataset``; return the finished run
+    folder (``run.json`` has ``"stage": "sft"``; its ``model/`` is the next stage's ``--model``)."""
+    run = prepare_run(config, output_dir, resume, engine="dpolab")
+    device, dtype = resolve_hardware(config)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, quantization_config=quantization_config(config, device))
+    disable_dropout(model)
+    use_fused_gelu(model)
+    datasets, report, _ = prepare_data(config, tokenizer)
+    run.write_data_report(report.to_dict())
+    if uses_lora(config):
+        model = add_adapters(model, config)
+
+    def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
+        return SFTEngine(
+            model=model, args=training_arguments(config, run, device, dtype),
+            train_dataset=datasets["train"], eval_dataset=datasets["eval"],
+            data_collator=PreferenceCollator(tokenizer.pad_token_id, answer_keys=SFT_ANSWER),
+            processing_class=tokenizer,
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, tokenizer, datasets["eval"], None, None)],
+            sft_config=config, system_sampler=sampler)
+
+    return fit(run, config, make_trainer, tokenizer=tokenizer, datasets=datasets, resume=resume,
+               callbacks=callbacks)

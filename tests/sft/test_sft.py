@@ -1,0 +1,133 @@
+"""SFT: the loss is the answer tokens' NLL exactly as plain transformers computes it, prompt tokens
+give no gradient, held-out NLL falls, and SFT -> DPO runs end to end through the CLI with the SFT
+model as the DPO reference (the reference cache key is the SFT weights' fingerprint)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpolab.config import TrainConfig
+from dpolab.data import prepare_data
+from dpolab.dpo.logps import PreferenceCollator
+from dpolab.model import build_builtin, disable_dropout, load_model, load_tokenizer, weights_fingerprint
+from dpolab.runs import RunFolder
+from dpolab.sft.trainer import SFT_ANSWER, SFTEngine, train_sft
+from tests.conftest import tiny_config
+
+N_PAIRS = 4
+
+
+def _plain_transformers_nll(config: TrainConfig) -> float:
+    """Mean answer-token NLL of every train pair (one batch), by GPT-2's own forward with labels."""
+    pairs = prepare_data(config, load_tokenizer("tiny-gpt2"))[0]["train"]
+    batch = PreferenceCollator(50256, answer_keys=SFT_ANSWER)([pairs[i] for i in range(len(pairs))])
+    labels = batch["input_ids"].masked_fill(batch["answer_mask"] == 0, -100)  # prompt and padding ignored
+    model = build_builtin("tiny-gpt2")  # stock GPT-2 modules: no fused GELU, full (B, T, V) logits
+    disable_dropout(model)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.item()
+
+
+@pytest.mark.slow
+def test_first_step_loss_is_the_plain_answer_nll_and_held_out_nll_falls(tmp_path):
+    config = tiny_config(stage="sft", max_train_pairs=N_PAIRS, per_device_train_batch_size=N_PAIRS, max_steps=6,
+                         eval_steps=3, max_eval_pairs=8, learning_rate=3e-3, cache_dir=str(tmp_path / "cache"))
+    run = train_sft(config, tmp_path / "sft")
+    first = run.metrics("train")[0]
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(_plain_transformers_nll(config), abs=1e-5)
+    evals = run.metrics("eval")
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["loss"] < evals[0]["loss"] < first["loss"]  # held-out answer NLL falls
+    info = run.info()
+    assert info["stage"] == "sft" and run.summary()["eval"]["loss"] == evals[-1]["loss"]
+
+
+def test_prompt_tokens_give_no_gradient(tmp_path):
+    """The final hidden state at a position feeds only the head there, so its gradient says whether that
+    position's next token is a target. Prompt positions get exactly zero; marking one of them as an answer
+    token (its label mask) gives it a gradient and changes the loss."""
+    config = TrainConfig(max_train_pairs=2, max_eval_pairs=1, seed=2, cache_dir=str(tmp_path))
+    pairs = prepare_data(config, load_tokenizer("tiny-gpt2"))[0]["train"]
+    batch = PreferenceCollator(50256, answer_keys=SFT_ANSWER)([pairs[0]])
+    prompt_len = len(pairs[0]["prompt_ids"])
+    model = build_builtin("tiny-gpt2")
+    disable_dropout(model)
+    engine = SFTEngine.__new__(SFTEngine)  # compute_loss only: no Trainer machinery needed
+    engine.sft_config, engine.pairs_seen, engine.tokens_seen = config, 0, 0
+
+    def loss_and_hidden_grad(answer_mask):
+        hidden = {}
+        hook = model.transformer.ln_f.register_forward_hook(lambda m, i, out: hidden.setdefault("h", out))
+        try:
+            model.zero_grad()
+            loss = engine.compute_loss(model, {**batch, "answer_mask": answer_mask})
+            hidden["h"].retain_grad()
+            loss.backward()
+        finally:
+            hook.remove()
+        return loss.item(), hidden["h"].grad[0].abs().sum(-1)  # (T,) gradient size per position
+
+    loss, grad = loss_and_hidden_grad(batch["answer_mask"])
+    # Position t predicts token t+1: positions 0 .. prompt_len-2 predict prompt tokens.
+    assert torch.all(grad[:prompt_len - 1] == 0) and grad[prompt_len - 1:-1].min() > 0
+    flipped = batch["answer_mask"].clone()
+    flipped[0, prompt_len // 2] = 1  # label one prompt token as a target
+    flipped_loss, flipped_grad = loss_and_hidden_grad(flipped)
+    assert flipped_grad[prompt_len // 2 - 1] > 0 and flipped_loss != pytest.approx(loss, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_through_the_cli(tmp_path):
+    """From a working directory with relative paths, as a user types it."""
+    common = ["--max-train-pairs", "16", "--max-eval-pairs", "8", "--max-steps", "2", "--logging-steps", "1",
+              "--max-length", "128", "--max-prompt-length", "64", "--cache-dir", "cache"]
+
+    def dpolab(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "dpolab.cli", *args, *common], cwd=tmp_path, check=True,
+                       capture_output=True, text=True)
+
+    dpolab("sft", "--output-dir", "runs/sft", "--learning-rate", "3e-3")
+    dpolab("train", "--model", "runs/sft", "--output-dir", "runs/dpo")
+    sft, dpo = RunFolder.open(tmp_path / "runs/sft"), RunFolder.open(tmp_path / "runs/dpo")
+
+    sft_weights = weights_fingerprint(load_model(str(sft.model_dir)))
+    assert sft_weights != weights_fingerprint(build_builtin("tiny-gpt2"))
+    summary = dpo.summary()
+    assert summary["reference_key"].startswith(f"{sft_weights}-")  # the reference is the SFT model
+    assert dpo.metrics("train")[0]["rewards/margins"] == 0.0  # policy starts at its reference: the SFT model
+    info = dpo.info()
+    assert info["previous_stage"]["stage"] == "sft" and info["previous_stage"]["base_model"] == "tiny-gpt2"
+
+    subprocess.run([sys.executable, "-m", "dpolab.cli", "export", "runs/dpo", "export"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "1. **SFT**: supervised fine-tuning of `tiny-gpt2` on the chosen answers of `hh-rlhf-sample`" in card
+    assert "2. **DPO** on `hh-rlhf-sample`" in card and "datasets:\n- Anthropic/hh-rlhf" in card
+    assert json.loads((tmp_path / "runs/sft/run.json").read_text())["stage"] == "sft"
+    # The report of the DPO run shows both stages.
+    subprocess.run([sys.executable, "-m", "dpolab.cli", "report", "runs/dpo"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    page = (tmp_path / "runs/dpo/report/report.html").read_text()
+    assert "Stage 1: SFT (sft)" in page and "Stage 2: DPO" in page
+
+
+@pytest.mark.slow
+def test_a_sweep_sweeps_sft_configs(tmp_path):
+    """`stage: sft` in a sweep's base: every trial is an SFT run, best.json picks the lowest held-out NLL."""
+    from dpolab.sweep import SweepConfig, run_sweep
+
+    base = dict(stage="sft", model="tiny-gpt2", max_train_pairs=8, max_eval_pairs=4, max_steps=2, eval_steps=2,
+                per_device_train_batch_size=4, max_length=128, max_prompt_length=64, cache_dir=str(tmp_path / "cache"))
+    sweep = run_sweep(SweepConfig(base=base, trials=[{"name": "lr1e-4", "learning_rate": 1e-4},
+                                                     {"name": "lr3e-3", "learning_rate": 3e-3}]), tmp_path / "sweep")
+    trials = {t.path.name: t for t in sweep.trials()}
+    assert sorted(trials) == ["lr1e-4", "lr3e-3"]
+    assert all(t.info()["stage"] == "sft" and "rewards/margins" not in t.summary()["eval"] for t in trials.values())
+    losses = {name: t.summary()["eval"]["loss"] for name, t in trials.items()}
+    assert sweep.best()["trial"] == min(losses, key=losses.get)
