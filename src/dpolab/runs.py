@@ -33,8 +33,9 @@ SWEEP_FORMAT = "dpolab.sweep/1"
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON atomically (temp file + rename) so a reader never sees half a file. The temp
+    name is per process: under torchrun every rank may write the same record at once."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

@@ -113,6 +113,9 @@ def tracker_defaults(report_to: list[str], run_dir: Path) -> dict[str, str]:
     defaults: dict[str, str] = {}
     if "mlflow" in report_to:
         defaults["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
+        # Named, so transformers calls mlflow.set_experiment in *this* store: MLflow otherwise
+        # reuses the experiment id it cached for an earlier run of the process (a sweep's store).
+        defaults["MLFLOW_EXPERIMENT_NAME"] = "dpolab"
     if "wandb" in report_to:
         defaults["WANDB_DIR"] = str(run_dir)
         defaults["WANDB_PROJECT"] = "dpolab"

@@ -79,9 +79,9 @@ def test_grid_three_trials_reference_once_best_recorded(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    import dpolab.dpo.trainer as trainer
+    import dpolab.stages as stages
 
-    real_train = trainer.train
+    real_train = stages.train
 
     def train(config, output_dir, resume=False, callbacks=None):
         if output_dir.name == "diverges":  # stands in for a run whose loss went NaN
@@ -90,7 +90,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
             return run
         return real_train(config, output_dir, resume=resume, callbacks=callbacks)
 
-    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(stages, "train", train)
     config = SweepConfig(base=tiny_base(tmp_path / "cache"), trials=[
         {"name": "bad-beta", "beta": -1.0},
         {"name": "diverges"},

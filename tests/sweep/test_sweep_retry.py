@@ -20,7 +20,7 @@ from .conftest import subprocess_env, tiny_base, write_sweep_yaml
 # killer would) on every attempt; the other trial stands in for training with a summary (fast).
 WORKER = """
 import os, signal, sys
-import dpolab.dpo.trainer as trainer
+import dpolab.stages as stages
 import dpolab.sweep.runner as runner
 from dpolab.cli import main
 from dpolab.runs import RunFolder
@@ -32,7 +32,7 @@ def train(config, output_dir, resume=False, callbacks=None):
     run.write_summary({"eval": {"loss": 0.5}})
     return run
 
-trainer.train = train
+stages.train = train
 runner.fill_caches = lambda config: []
 sys.exit(main(sys.argv[1:]))
 """

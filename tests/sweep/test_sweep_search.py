@@ -36,11 +36,11 @@ def fake_train(seen: list):
 
 
 def test_search_budget_ranges_and_pruning(tmp_path, monkeypatch):
-    import dpolab.dpo.trainer as trainer
+    import dpolab.stages as stages
     import dpolab.sweep.runner as runner
 
     seen: list = []
-    monkeypatch.setattr(trainer, "train", fake_train(seen))
+    monkeypatch.setattr(stages, "train", fake_train(seen))
     monkeypatch.setattr(runner, "fill_caches", lambda config: [])  # no real data/reference pass here
     space = {"learning_rate": {"low": 1e-4, "high": 1e-3, "log": True}, "beta": {"low": 0.05, "high": 0.5},
              "weight_decay": {"low": 0.0, "high": 0.05}, "per_device_train_batch_size": {"choices": [2, 4]}}
@@ -102,7 +102,7 @@ def test_objective_lookup():
 def test_sweep_groups_its_trials_in_the_trackers(tmp_path, monkeypatch):
     import os
 
-    import dpolab.dpo.trainer as trainer
+    import dpolab.stages as stages
     import dpolab.sweep.runner as runner
 
     for key in ("WANDB_RUN_GROUP", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI"):
@@ -116,7 +116,7 @@ def test_sweep_groups_its_trials_in_the_trackers(tmp_path, monkeypatch):
         run.write_summary({"eval": {"loss": 0.5}})
         return run
 
-    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(stages, "train", train)
     monkeypatch.setattr(runner, "fill_caches", lambda config: [])
     config = SweepConfig(name="lr-study", base=tiny_base(tmp_path / "cache"), trials=[{"name": "x"}, {"name": "y"}])
     run_sweep(config, tmp_path / "sweep", report_to=["wandb", "mlflow"])
