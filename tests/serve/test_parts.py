@@ -83,6 +83,26 @@ def test_experiments_page_shows_sweep_table_and_plots(make_app, sweep_dir):
     assert client.get("/experiments/report/../sweep.json").status_code == 404
 
 
+def test_experiments_page_shows_each_trials_latest_samples(make_app, sweep_dir, tmp_path):
+    """samples.jsonl (written at every evaluation while training) appears per trial: the latest
+    evaluation's rows only, as text (a model's answer is never HTML)."""
+    import shutil
+
+    from dpolab.runs import RunFolder
+    from dpolab.serve.models import load_served_models
+
+    sweep = shutil.copytree(sweep_dir, tmp_path / "sweep")
+    trial = RunFolder(sweep / "trials" / "trial-001")
+    row = {"prompt": "\n\nHuman: hi\n\nAssistant:", "reference": "ref answer", "reward": 0.125}
+    trial.append_samples([{**row, "step": 5, "policy": "old answer"}])
+    trial.append_samples([{**row, "step": 10, "policy": "<b>new</b> answer"}])
+    html = make_app(MODELS=load_served_models(str(sweep))).test_client().get("/experiments").get_data(as_text=True)
+    assert "Samples (latest evaluation)" in html and "trial-001 (step 10)" in html
+    assert "&lt;b&gt;new&lt;/b&gt; answer" in html and "<b>new</b>" not in html
+    assert "old answer" not in html and "ref answer" in html and "0.125" in html
+    assert "trial-000 (step" not in html  # a trial without samples gets no section
+
+
 def test_describe_rejects_non_model_folders(tmp_path):
     from dpolab.serve.models import describe
 

@@ -39,8 +39,10 @@ def experiments() -> Any:
     # table is already rendered above as HTML, so its picture is left out.
     names = {p.name for p in report.glob("*.png")} - {"table.png"} if report.is_dir() else set()
     images = [n for n in PLOT_ORDER if n in names] + sorted(names - set(PLOT_ORDER))
+    trials = collect(sweep.path).trials
     return render_template("ui/experiments.html", sweep=sweep.info(), images=images,
-                           table_html=to_html(table_rows(collect(sweep.path).trials)),
+                           table_html=to_html(table_rows(trials)),
+                           sampled_trials=[t for t in trials if t.samples],  # each trial's latest evaluation
                            captions=CAPTIONS, has_report=report.is_dir(),
                            full_report=(report / "report.html").is_file(), sweep_path=str(sweep_dir), loading=False)
 
