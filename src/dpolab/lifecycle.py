@@ -2,6 +2,8 @@
 and TRL's) and any later training stage (SFT). A stage brings its own ``Trainer`` subclass and
 data; this module does the rest:
 
+    StageTrainer         the Trainer base of every stage: system readings in logs, throughput
+                         counters, a loss-only evaluation step
     prepare_run()        create the run folder (or check it can be resumed): run.json, config.yaml
     training_arguments() our config as ``TrainingArguments`` (one mapping for every engine)
     fit()                resume, records, trackers, ``Trainer.train``, the final evaluation,
@@ -37,6 +39,33 @@ logger = logging.getLogger(__name__)
 
 # make_trainer(callbacks, system_sampler) -> a ready Trainer on the stage's model and data.
 MakeTrainer = Callable[[list[TrainerCallback], SystemSampler], Trainer]
+
+
+
+class StageTrainer(Trainer):
+    """What every dpolab stage's ``Trainer`` shares (DPO's and SFT's subclass it): the system
+    sampler's latest readings in every log, throughput counters for ``summary.json``, and an
+    evaluation step that is the loss alone (there are no labels or logits to return)."""
+
+    def __init__(self, *args: Any, system_sampler: SystemSampler | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.system_sampler = system_sampler
+        # Stage losses are already means (per pair, per token): let Trainer divide them by the
+        # accumulation steps, so 2 micro-batches of 2 give exactly the gradient of one batch of 4.
+        self.model_accepts_loss_kwargs = False
+        self.pairs_seen = 0
+        self.tokens_seen = 0
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.system_sampler is not None:
+            logs.update(self.system_sampler.latest())
+        super().log(logs, start_time)
 
 
 class EvaluateAtEnd(TrainerCallback):

@@ -16,7 +16,7 @@ from dpolab.data import prepare_data
 from dpolab.dpo.logps import PreferenceCollator
 from dpolab.model import build_builtin, disable_dropout, load_model, load_tokenizer, weights_fingerprint
 from dpolab.runs import RunFolder
-from dpolab.sft.trainer import SFT_ANSWER, SFTEngine, train_sft
+from dpolab.sft.trainer import SFT_ANSWER, SFTTrainer, train_sft
 from tests.conftest import tiny_config
 
 N_PAIRS = 4
@@ -58,7 +58,7 @@ def test_prompt_tokens_give_no_gradient(tmp_path):
     prompt_len = len(pairs[0]["prompt_ids"])
     model = build_builtin("tiny-gpt2")
     disable_dropout(model)
-    engine = SFTEngine.__new__(SFTEngine)  # compute_loss only: no Trainer machinery needed
+    engine = SFTTrainer.__new__(SFTTrainer)  # compute_loss only: no Trainer machinery needed
     engine.sft_config, engine.pairs_seen, engine.tokens_seen = config, 0, 0
 
     def loss_and_hidden_grad(answer_mask):

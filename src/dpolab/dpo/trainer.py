@@ -30,7 +30,7 @@ from dpolab.dpo.reference import add_reference_logps, load_reference
 from dpolab.dpo.samples import sample_callbacks
 from dpolab.dpo.trl_engine import train_trl
 from dpolab.errors import ConfigError
-from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_arguments
+from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
 from dpolab.lora import add_adapters, quantization_config, uses_lora
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
 from dpolab.runs import RunFolder
@@ -41,21 +41,14 @@ logger = logging.getLogger(__name__)
 PER_PAIR_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logps", "policy_rejected_logps")
 
 
-class DpolabTrainer(Trainer):
+class DpolabTrainer(StageTrainer):
     """``Trainer`` whose loss is DPO on a batch of (2B, T) sequences with precomputed reference log-probs."""
 
-    def __init__(self, *args: Any, dpo_config: TrainConfig, system_sampler: SystemSampler | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, dpo_config: TrainConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dpo_config = dpo_config
-        self.system_sampler = system_sampler
-        # Our loss is already a per-pair mean: let Trainer divide it by the accumulation steps,
-        # so 2 micro-batches of 2 give exactly the gradient of one batch of 4.
-        self.model_accepts_loss_kwargs = False
         self._per_pair: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                      "eval": defaultdict(list)}
-        self.pairs_seen = 0
-        self.tokens_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # accelerate autocasts only the model's own forward and hands back fp32 outputs: without
@@ -83,13 +76,6 @@ class DpolabTrainer(Trainer):
             loss = loss + self.dpo_config.rpo_alpha * chosen_nll(policy_chosen_logps, lengths["chosen_lengths"])
         return (loss, None) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # There are no labels: evaluation is the DPO loss and its metrics.
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         per_pair = {k: torch.cat(v) for k, v in self._per_pair[mode].items() if v}
@@ -104,9 +90,7 @@ class DpolabTrainer(Trainer):
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}{k}": v for k, v in metrics.items()})
         self._per_pair[mode].clear()
-        if self.system_sampler is not None:
-            logs.update(self.system_sampler.latest())
-        super().log(logs, start_time)
+        super().log(logs, start_time)  # adds the system readings
 
 
 @dataclass

@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
@@ -24,7 +23,7 @@ from dpolab.data import prepare_data
 from dpolab.dpo.logps import PreferenceCollator, sequence_logps
 from dpolab.dpo.loss import chosen_nll
 from dpolab.dpo.samples import sample_callbacks
-from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_arguments
+from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
 from dpolab.lora import add_adapters, quantization_config, uses_lora
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
 from dpolab.runs import RunFolder
@@ -35,18 +34,12 @@ logger = logging.getLogger(__name__)
 SFT_ANSWER = ("chosen_ids",)  # SFT imitates the preferred answer of each pair
 
 
-class SFTEngine(Trainer):
+class SFTTrainer(StageTrainer):
     """``Trainer`` whose loss is the mean NLL of the answer tokens of a batch of (B, T) sequences."""
 
-    def __init__(self, *args: Any, sft_config: TrainConfig, system_sampler: SystemSampler | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sft_config: TrainConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sft_config = sft_config
-        self.system_sampler = system_sampler
-        # The loss is already a per-token mean: Trainer divides it by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self.pairs_seen = 0
-        self.tokens_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         answer_logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["answer_mask"],
@@ -56,18 +49,6 @@ class SFTEngine(Trainer):
             self.pairs_seen += answer_logps.shape[0]
             self.tokens_seen += int(inputs["attention_mask"].sum())
         return (loss, None) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # No logits to return: evaluation is the held-out answer NLL.
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.system_sampler is not None:
-            logs.update(self.system_sampler.latest())
-        super().log(logs, start_time)
 
 
 def train_sft(config: TrainConfig, output_dir: str | Path, resume: bool = False,
@@ -86,7 +67,7 @@ def train_sft(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         model = add_adapters(model, config)
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
-        return SFTEngine(
+        return SFTTrainer(
             model=model, args=training_arguments(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"],
             data_collator=PreferenceCollator(tokenizer.pad_token_id, answer_keys=SFT_ANSWER),
