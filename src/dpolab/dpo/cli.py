@@ -41,10 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train with DPO. Every TrainConfig field below can be set in the --config YAML "
         "or here (the command line wins), e.g. --beta 0.2 --loss-type ipo --dataset data/train.jsonl.gz. "
         "Each help reads (type, default): meaning.")
-    train.add_argument("--config", type=user_path, help="YAML config file (configs/*.yaml)")
-    train.add_argument("--output-dir", type=user_path, help="run folder (default: runs/<config name or 'train'>)")
-    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    train.set_defaults(func=run_train, known_options=[*TrainConfig.field_names(), "config", "output_dir", "resume"])
+    add_run_arguments(train, run_train, default_name="train", config_hint="configs/*.yaml")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, func: Any, default_name: str, config_hint: str) -> None:
+    """--config / --output-dir / --resume and the accepted option names of a training command."""
+    parser.add_argument("--config", type=user_path, help=f"YAML config file ({config_hint})")
+    parser.add_argument("--output-dir", type=user_path, help=f"run folder (default: runs/<config name or '{default_name}'>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.set_defaults(func=func, known_options=[*TrainConfig.field_names(), "config", "output_dir", "resume"])
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

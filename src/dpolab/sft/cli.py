@@ -13,8 +13,7 @@ import json
 import logging
 import math
 
-from dpolab.config import TrainConfig
-from dpolab.dpo.cli import config_options, overrides_from
+from dpolab.dpo.cli import add_run_arguments, config_options, overrides_from
 from dpolab.paths import resolve_config_paths, user_path
 
 logger = logging.getLogger(__name__)
@@ -27,10 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fine-tune on the chosen answers of the preference data (loss on answer tokens only). "
         "Then `dpolab train --model RUN_DIR` runs DPO from this model, which is also its reference. "
         "Every TrainConfig field below can be set in the --config YAML or here (the command line wins).")
-    sft.add_argument("--config", type=user_path, help="YAML config file (configs/sft-*.yaml)")
-    sft.add_argument("--output-dir", type=user_path, help="run folder (default: runs/<config name or 'sft'>)")
-    sft.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    sft.set_defaults(func=run_sft, known_options=[*TrainConfig.field_names(), "config", "output_dir", "resume"])
+    add_run_arguments(sft, run_sft, default_name="sft", config_hint="configs/sft-*.yaml")
 
 
 def run_sft(args: argparse.Namespace) -> int:
