@@ -20,6 +20,8 @@ subprocess with its own time limit, whose output goes to the console and to ``gp
    without FSDP (``fsdp_reference``): the wrapping is checked and the first 3 losses must agree to 1e-4
    (fp32). Accelerate enables FSDP only on GPUs, so this is where it runs (tests/dpo/test_distributed.py
    checks the sharded head itself on CPU).
+6. ``profile`` (opt-in, ``--stages profile``): the throughput variants again, 3 steps each under
+   torch.profiler and cProfile, tables in ``profile/profile_<variant>.txt``: where a step's time goes.
 
 Results: ``gpu_check.json`` (every stage: status, seconds, figures), ``gpu_check.md`` (the tables for
 BENCHMARKS.md), ``gpu_check.log``, the two benchmark JSONs, and the run/sweep records without their
@@ -263,8 +265,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=["dpolab", "trl_default", "trl_tuned"])
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps of the dpolab train stage")
     parser.add_argument("--gen-tokens", type=int, default=128, help="new tokens per generation measurement")
-    parser.add_argument("--stages", nargs="+", default=None, choices=STAGES,
-                        help="default: all; on --device cpu all but fsdp (accelerate enables FSDP on GPUs only)")
+    parser.add_argument("--stages", nargs="+", default=None, choices=[*STAGES, "profile"],
+                        help="default: all but profile (opt-in: torch.profiler + cProfile tables of the "
+                        "throughput variants' steps); on --device cpu also not fsdp (accelerate enables FSDP "
+                        "on GPUs only)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke sizes (1-2 steps, short generations, tiny sweep); use with --device cpu")
     parser.add_argument("--out-dir", type=Path, default=None,
@@ -316,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
             "--max-length", str(args.max_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--repeats", str(args.repeats), "--out", str(out)], timeout_s=190,
             collect=lambda: _benchmark_figures(out, "train_throughput"))
+    if "profile" in args.stages:  # opt-in: where a step's time goes (a slower run, not a figure)
+        out, profile_dir = work_dir / "profile.json", out_dir / "profile"
+        stages.run("profile", [
+            python, str(BENCHMARKS / "train_throughput.py"), "--models", args.model, "--variants", *args.variants,
+            "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
+            "--max-length", str(args.max_length), "--steps", "3", "--warmup", str(args.warmup), "--repeats", "1",
+            "--out", str(out), "--profile-dir", str(profile_dir)], timeout_s=150,
+            collect=lambda: {"tables": sorted(p.name for p in profile_dir.iterdir())})
     if "generation" in args.stages:
         out = out_dir / "generate_latency.json"
         stages.run("generation", [

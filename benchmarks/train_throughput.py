@@ -16,8 +16,10 @@ excluded; pairs/s and tokens/s (attended tokens, chosen + rejected) cover the me
 Peak RSS is the worker process's peak over the whole run (model load, reference pass, training).
 
 ``--device cuda --dtype bf16`` measures a GPU (bf16 autocast for dpolab and TRL tuned; TRL defaults
-keep DPOConfig's own bf16=True): each run also reports peak GPU memory (``torch.cuda``), model
-FLOPs utilisation (:func:`common.training_flops_per_token` against :func:`common.gpu_peak_tflops`)
+keep DPOConfig's own bf16=True). dpolab variants set the process up as ``dpolab train`` does
+(``dpolab.model.prepare_device``: no cuDNN attention); TRL variants keep torch's defaults, as a user
+gets them, except the extra ``trl_tuned_no_cudnn``. Each GPU run also reports peak GPU memory
+(``torch.cuda``), model FLOPs utilisation (:func:`common.training_flops_per_token` against :func:`common.gpu_peak_tflops`)
 and, from the run's ``system.jsonl`` (dpolab's NVML sampler), mean GPU power and energy per pair.
 """
 
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import logging
+import pstats
 import sys
 import tempfile
 import time
@@ -52,7 +56,9 @@ VARIANTS = ["dpolab", "trl_default", "trl_tuned"]
 # Not run by default: dpolab with GPT-2's stock Python GELU, to show what the fused GELU buys, and
 # dpolab with --dtype bf16 on CPU as plain autocast over fp32 weights (what bf16 did before bf16 weights),
 # and dpolab in fp32 whatever --dtype says (to compare precisions inside one alternating invocation).
-EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32"]
+# trl_tuned_no_cudnn: TRL tuned with the attention setting dpolab makes on CUDA (no cuDNN SDPA, see
+# dpolab.model.prepare_device), to show how much of the gap on a GPU that one setting is.
+EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32", "trl_tuned_no_cudnn"]
 DEFAULT_STEPS = {"tiny-gpt2": 6, "gpt2-124m-random": 4}
 DEFAULT_BATCH = {"tiny-gpt2": 4, "gpt2-124m-random": 2}
 
@@ -94,12 +100,51 @@ class StepTimer:
                 "step_s": [round(s, 4) for s in step_s]}
 
 
+class ProfileWindow:
+    """TrainerCallback profiling the measured steps (after the warm-up ones), two ways.
+
+    Writes ``profile_<variant>.txt``: torch.profiler's ops by self CPU time and, on a GPU, by self
+    device time (where the kernels go), then cProfile's Python functions by cumulative time (where
+    the host thread goes: on a GPU a step whose kernels are short is bound by this side).
+    Profiling slows the steps, so a profiled run's pairs/s is not a throughput figure.
+    """
+
+    def __init__(self, warmup: int, path: Path, device: str) -> None:
+        import cProfile
+
+        from torch.profiler import ProfilerActivity, profile
+        from transformers import TrainerCallback
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        torch_profiler, python_profiler = profile(activities=activities), cProfile.Profile()
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == warmup:
+                    torch_profiler.__enter__()
+                    python_profiler.enable()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                cuda_sync()
+                python_profiler.disable()
+                torch_profiler.__exit__(None, None, None)
+                averages = torch_profiler.key_averages()
+                tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+                if device == "cuda":
+                    tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=30))
+                stream = io.StringIO()
+                pstats.Stats(python_profiler, stream=stream).sort_stats("cumulative").print_stats(45)
+                path.write_text("\n\n".join([*tables, stream.getvalue()]))
+
+        self.callback = _Callback()
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from dpolab.config import TrainConfig
     from dpolab.data import prepare_data
-    from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
+    from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device, use_fused_gelu
     from dpolab.runs import RunFolder
     from dpolab.tracking import SystemSampler
 
@@ -118,7 +163,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(config.model)
     disable_dropout(model)
     model.to(device)
+    if args.variant.startswith("dpolab") or args.variant == "trl_tuned_no_cudnn":
+        prepare_device(device)  # as dpolab's resolve_hardware does: on CUDA, no cuDNN attention
     timer = StepTimer(warmup)
+    callbacks = [timer.callback]
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+        callbacks.append(ProfileWindow(warmup, args.profile_dir / f"profile_{args.variant}.txt", device).callback)
     common_args = dict(output_dir=str(cache / "out"), per_device_train_batch_size=batch, max_steps=steps + warmup,
                        learning_rate=config.learning_rate, seed=0, data_seed=0, report_to="none",
                        save_strategy="no", eval_strategy="no", logging_steps=10_000, use_cpu=device == "cpu",
@@ -154,7 +205,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = master_weight_optimizer(DpolabTrainer, training_args, model) if bf16_weights else None
         trainer = DpolabTrainer(model=model, args=training_args, train_dataset=train_set, optimizer_cls_and_kwargs=optimizer,
                             data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                            callbacks=[timer.callback], dpo_config=config)
+                            callbacks=callbacks, dpo_config=config)
     else:
         from trl import DPOConfig
 
@@ -170,8 +221,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         trainer = pretokenized_trainer_class()(model=model, ref_model=reference, args=dpo_args,
                                                train_dataset=train_set, processing_class=tokenizer,
-                                               callbacks=[timer.callback])
-        if args.variant == "trl_tuned":
+                                               callbacks=callbacks)
+        if args.variant != "trl_default":
             result["reference_s"] = time.perf_counter() - start  # the precompute pass is most of __init__
         result.update(gradient_checkpointing=dpo_args.gradient_checkpointing, bf16=dpo_args.bf16)
     result["autocast"] = _probe_autocast(trainer, device)
@@ -268,6 +319,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                        "--dtype", args.dtype]
         if args.threads:
             worker_args += ["--threads", str(args.threads)]
+        if args.profile_dir:
+            worker_args += ["--profile-dir", str(args.profile_dir)]
         result = run_worker(script, worker_args)
         result["round"] = rnd
         runs.append(result)
@@ -293,7 +346,7 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                     if all(r.get(k) is not None for r in rows)}
         ratios = {}
         ours = per_variant.get("dpolab")
-        for other in ("trl_default", "trl_tuned"):
+        for other in ("trl_default", "trl_tuned", "trl_tuned_no_cudnn"):
             if ours and other in per_variant:
                 theirs = per_variant[other]
                 ratios[f"dpolab_vs_{other}"] = {
@@ -345,6 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bf16: dpolab on CPU trains bf16 weights (fp32 master copy), on GPU autocast; TRL "
                         "tuned: Trainer's bf16 (autocast); TRL defaults keep DPOConfig's bf16=True")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--profile-dir", type=Path, default=None,
+                        help="write each variant's torch.profiler tables over the measured steps here "
+                        "(profiling slows the steps: use for diagnosis, not for the figures)")
     parser.add_argument("--partial", type=Path, default=None, help="rewrite this JSON after every run")
     # worker mode (one run; used by the orchestrator)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -27,8 +27,13 @@ def _run(script: str, args: list[str], out: Path) -> dict:
 def test_train_throughput_smoke(tmp_path):
     pytest.importorskip("trl")
     data = _run("train_throughput.py", ["--models", "tiny-gpt2", "--variants", "dpolab", "trl_tuned", "--repeats",
-                                        "1", "--steps", "1", "--warmup", "1", "--batch", "2", "--max-length", "128"],
+                                        "1", "--steps", "1", "--warmup", "1", "--batch", "2", "--max-length", "128",
+                                        "--profile-dir", str(tmp_path / "profile")],
                 tmp_path / "train.json")
+    for variant in ("dpolab", "trl_tuned"):  # torch.profiler's op table, then cProfile's Python functions
+        table = (tmp_path / "profile" / f"profile_{variant}.txt").read_text()
+        assert "Self CPU time total" in table and "aten::mm" in table and "cumulative" in table, variant
+    assert "dpolab/dpo/trainer.py" in (tmp_path / "profile" / "profile_dpolab.txt").read_text()
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["cpu_model"]
     assert {r["variant"] for r in data["runs"]} == {"dpolab", "trl_tuned"}
     for run in data["runs"]:

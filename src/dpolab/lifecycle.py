@@ -31,7 +31,7 @@ import dpolab
 from dpolab.config import TrainConfig, save_config
 from dpolab.errors import ConfigError
 from dpolab.lora import save_final_model
-from dpolab.model import check_source, resolve_device, resolve_dtype
+from dpolab.model import check_source, prepare_device, resolve_dtype
 from dpolab.runs import RunFolder, SweepFolder, resolve_run
 from dpolab.tracking import SystemSampler, tracker_session
 
@@ -132,10 +132,10 @@ class RunRecorder(TrainerCallback):
 
 
 def resolve_hardware(config: TrainConfig) -> tuple[str, str]:
-    """Apply ``num_threads`` and return the (device, dtype) names the run uses."""
+    """Apply ``num_threads``, set the process up for its device, return the (device, dtype) names the run uses."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
+    device = prepare_device(config.device)
     return device, resolve_dtype(config.dtype, device)
 
 

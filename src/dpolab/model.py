@@ -194,6 +194,24 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
+def prepare_device(device: str = "auto") -> str:
+    """:func:`resolve_device`, then set this process up for that device; returns its name.
+
+    On CUDA, ``scaled_dot_product_attention`` is kept off its cuDNN backend. cuDNN attention builds
+    an execution plan for every new (batch, length) shape, and preference batches are padded to
+    their longest pair, so almost every step brings a new length: profiled on an H200 (GPT-2 124M,
+    batch 8, bf16; BENCHMARKS.md) plan building took 25-35 ms of host time per attention call, about
+    0.7 s a step against 18 ms of GPU work. The flash and memory-efficient kernels are compiled ahead
+    of time for any length. The switch is process-wide (torch's SDPA flags are global, so a scoped
+    ``sdpa_kernel`` would race between threads) and set only for a CUDA device.
+    """
+    device = resolve_device(device)
+    if device.startswith("cuda") and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        logger.info("attention: cuDNN SDPA backend off (it re-plans for every new sequence length)")
+    return device
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """'auto' -> bf16 on a GPU that supports it, and on a CPU with bf16 matmul instructions (AMX or
     AVX-512 BF16) where a short probe finds bf16 matmuls faster than fp32; else fp32."""

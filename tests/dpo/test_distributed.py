@@ -129,6 +129,13 @@ if rank == 0:
         json.dump(results, f)
 if world > 1:
     dist.destroy_process_group()
+# Leave without C++ static destructors. With gloo + FSDP2 on CPU (torch 2.13), about 1 exit in 12 on a
+# loaded 2-core machine aborts AFTER this script's last line ("terminate called without an active
+# exception": a joinable std::thread destroyed at interpreter teardown), failing torchrun though every
+# figure this test checks is already on disk. os._exit skips only that teardown.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 

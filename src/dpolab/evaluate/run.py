@@ -26,13 +26,13 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
              max_new_tokens: int = 64, temperature: float = SAMPLING["temperature"], top_p: float = SAMPLING["top_p"],
              output_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds."""
-    from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device
+    from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device
 
     run = resolve_run(path)
     if not run.has_model():
         raise RunFolderError(f"{run.path}: no final model (training unfinished?)")
     config = TrainConfig.from_dict(run.config(), source=str(run.config_path))
-    device = resolve_device(config.device)
+    device = prepare_device(config.device)
     tokenizer = load_tokenizer(config.model)
     policy = load_model(str(run.model_dir)).to(device).eval()
     reference = load_model(config.model).to(device).eval()
@@ -75,7 +75,7 @@ def evaluate_model(model: str, reference: str, dataset: str, split: str = "train
     Rendered with the policy's tokenizer, whose chat template (if any) is how it was trained.
     Writes ``OUTPUT_DIR/metrics.json`` (the same ``pairs`` metrics as a run's evaluation)."""
     from dpolab.data import prepare_eval_pairs
-    from dpolab.model import disable_dropout, load_model, load_tokenizer, resolve_device
+    from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device
 
     try:
         run = resolve_run(model)
@@ -84,7 +84,7 @@ def evaluate_model(model: str, reference: str, dataset: str, split: str = "train
     else:
         source = str(run.model_dir)
     config = TrainConfig(model=reference, dataset=dataset, split=split, beta=beta, **data_options)
-    device = resolve_device(config.device)
+    device = prepare_device(config.device)
     tokenizer = load_tokenizer(source)
     pairs, report = prepare_eval_pairs(config, tokenizer)
     policy, ref = load_model(source).to(device).eval(), load_model(reference).to(device).eval()
