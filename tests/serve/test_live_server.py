@@ -76,8 +76,13 @@ def test_server_streams_tokens_over_http(live_server):
     # read1 returns what has arrived so far: events come one by one, not in one buffered body.
     events = list(sse_events(iter(lambda: response.read1(4096), b"")))
     assert [k for k, _ in events][0] == "start" and events[-1][0] == "result"
-    assert sum(1 for k, _ in events if k == "token") == events[-1][1]["usage"]["completion_tokens"] or \
-        events[-1][1]["finish_reason"] == "stop"
+    result, texts = events[-1][1], [data["text"] for kind, data in events if kind == "token"]
+    assert "".join(texts) == result["text"]  # the deltas add up to the answer, nothing lost or repeated
+    # Token events are text deltas: a token that ends inside a UTF-8 character (the tiny random model
+    # writes byte-level tokens) is held back and sent with the next one, so there can be fewer events
+    # than tokens, never more.
+    assert len(texts) <= result["usage"]["completion_tokens"] and (texts or not result["text"])
+    assert result["usage"]["completion_tokens"] == 6 or result["finish_reason"] == "stop"
     connection.close()
 
 
