@@ -22,19 +22,20 @@ import logging
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from common import machine_info, publish, rotated, run_worker, summarize
 
+from dpolab.periodic import Periodic
+
 logger = logging.getLogger("data_prep")
 BEFORE_REV = "b1d4a01"  # the last commit with the list-based src/dpolab/data.py
 REPO = Path(__file__).resolve().parent.parent
 
 
-class TreeRss:
+class TreeRss(Periodic):
     """Peak memory of this process plus its children (the ``num_proc`` map workers), sampled.
 
     ``peak`` sums RSS, which counts the pages a forked worker shares with its parent (torch's
@@ -44,29 +45,18 @@ class TreeRss:
     def __init__(self, every_s: float = 0.1) -> None:
         import psutil
 
-        self.process, self.every_s, self.peak, self.peak_pss = psutil.Process(), every_s, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every_s, name="tree-rss")
+        self.process, self.peak, self.peak_pss = psutil.Process(), 0, 0
 
-    def _run(self) -> None:
+    def tick(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
-            rss = pss = 0
-            for proc in [self.process, *self.process.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a worker that just exited
-                    info = proc.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
-            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> TreeRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+        rss = pss = 0
+        for proc in [self.process, *self.process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a worker that just exited
+                info = proc.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+        self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
 
 
 def make_input(folder: Path, repeat: int) -> Path:

@@ -283,6 +283,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def throughput_command(args: argparse.Namespace, out: Path, steps: int, repeats: int) -> list[str]:
+    """benchmarks/train_throughput.py on the check's model, variants, device, dtype and batch."""
+    return [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--models", args.model, "--variants",
+            *args.variants, "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
+            "--max-length", str(args.max_length), "--steps", str(steps), "--warmup", str(args.warmup),
+            "--repeats", str(repeats), "--out", str(out)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.fsdp_worker:
@@ -314,20 +322,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if "throughput" in args.stages:
         out = out_dir / "train_throughput.json"
-        stages.run("throughput", [
-            python, str(BENCHMARKS / "train_throughput.py"), "--models", args.model, "--variants", *args.variants,
-            "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
-            "--max-length", str(args.max_length), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats), "--out", str(out)], timeout_s=190,
-            collect=lambda: _benchmark_figures(out, "train_throughput"))
+        stages.run("throughput", throughput_command(args, out, args.steps, args.repeats), timeout_s=190,
+                   collect=lambda: _benchmark_figures(out, "train_throughput"))
     if "profile" in args.stages:  # opt-in: where a step's time goes (a slower run, not a figure)
         out, profile_dir = work_dir / "profile.json", out_dir / "profile"
-        stages.run("profile", [
-            python, str(BENCHMARKS / "train_throughput.py"), "--models", args.model, "--variants", *args.variants,
-            "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
-            "--max-length", str(args.max_length), "--steps", "3", "--warmup", str(args.warmup), "--repeats", "1",
-            "--out", str(out), "--profile-dir", str(profile_dir)], timeout_s=150,
-            collect=lambda: {"tables": sorted(p.name for p in profile_dir.iterdir())})
+        stages.run("profile", [*throughput_command(args, out, steps=3, repeats=1), "--profile-dir", str(profile_dir)],
+                   timeout_s=150, collect=lambda: {"tables": sorted(p.name for p in profile_dir.iterdir())})
     if "generation" in args.stages:
         out = out_dir / "generate_latency.json"
         stages.run("generation", [

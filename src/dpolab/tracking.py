@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from dpolab.periodic import Periodic
 from dpolab.runs import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -35,14 +35,14 @@ def _nvml_handles() -> tuple[Any, list[Any]]:
         return None, []
 
 
-class SystemSampler:
+class SystemSampler(Periodic):
     """Background thread sampling every ``interval_s`` seconds into ``run/system.jsonl``."""
 
     def __init__(self, run: RunFolder, interval_s: float = 2.0) -> None:
+        # Wait before the first sample: cpu_percent over the few microseconds since priming is tick
+        # noise (thousands of %).
+        super().__init__(interval_s, name="dpolab-system-sampler", tick_at_start=False)
         self.run = run
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._process = psutil.Process()
         self._nvml, self._gpus = _nvml_handles()
         self._latest: dict[str, Any] = {}
@@ -78,24 +78,17 @@ class SystemSampler:
                     flat[f"system/gpu{gpu['index']}_{key}"] = gpu[key]
         return flat
 
-    def _loop(self) -> None:
-        # Wait first: cpu_percent over the few microseconds since priming is tick noise (thousands of %).
-        while not self._stop.wait(self.interval_s):
-            self._latest = self.sample()
-            self.run.append_system(self._latest)
+    def tick(self) -> None:
+        self._latest = self.sample()
+        self.run.append_system(self._latest)
 
     def __enter__(self) -> SystemSampler:
         self._process.cpu_percent(None)  # prime: the first call always returns 0.0
-        self._thread = threading.Thread(target=self._loop, name="dpolab-system-sampler", daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._latest = self.sample()
-        self.run.append_system(self._latest)
+        super().__exit__(*exc)
+        self.tick()  # the state at the end
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,12 +239,12 @@ def data_cache_key(config: TrainConfig, tokenizer: Any) -> str:
 
 
 def _tokenize(dataset: Dataset, tokenizer: Any, formatter: Formatter, config: TrainConfig, folder: Path,
-              name: str, big: bool) -> Dataset:
+              name: str, total_rows: int) -> Dataset:
     """Tokenized pairs, written by ``map`` as ``FOLDER/NAME*.arrow`` (one file per worker).
 
-    ``big``: the whole data set (all splits) is worth several processes. Decided on the total, not
-    per split: a 10% eval split of full HH-RLHF (16k pairs) alone took 6.5 s in one process."""
-    num_proc = config.dataset_num_proc or (min(os.cpu_count() or 1, 8) if big else None)
+    ``total_rows``: the whole data set's size (all splits), which decides whether workers pay. Not
+    the split's own size: a 10% eval split of full HH-RLHF (16k pairs) alone took 6.5 s in one process."""
+    num_proc = config.dataset_num_proc or (min(os.cpu_count() or 1, 8) if total_rows >= BIG else None)
     return dataset.map(
         tokenize_batch, batched=True, batch_size=MAP_BATCH, num_proc=num_proc, remove_columns=dataset.column_names,
         fn_kwargs=dict(tokenizer=tokenizer, formatter=formatter, max_length=config.max_length,
@@ -316,11 +316,11 @@ def _build(config: TrainConfig, tokenizer: Any, formatter: Formatter, report: Da
     if not any(len(d) for s in by_source for d in s.values()):
         raise DataError(f"{config.dataset}: no usable rows")
     splits = _splits(config, by_source, report)
-    big = sum(len(part) for part in splits.values()) >= BIG
+    total_rows = sum(len(part) for part in splits.values())
     for split in ("train", "eval"):
         if split not in splits or not len(splits[split]):
             raise DataError(f"{config.dataset}: no usable pairs left for the {split} split ({report.summary_line()})")
-        tokenized = _tokenize(splits[split], tokenizer, formatter, config, out, split, big)
+        tokenized = _tokenize(splits[split], tokenizer, formatter, config, out, split, total_rows)
         if len(tokenized) < len(splits[split]):
             report.dropped["no_answer_after_truncation"] += len(splits[split]) - len(tokenized)
         _count_flags(tokenized, report)
@@ -348,7 +348,7 @@ def prepare_eval_pairs(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Da
         pool, _ = mix(parts, config.seed)
         if not len(pool):
             raise DataError(f"{config.dataset}: no usable pairs ({report.summary_line()})")
-        tokenized = _tokenize(pool, tokenizer, formatter, config, work, "eval", big=len(pool) >= BIG)
+        tokenized = _tokenize(pool, tokenizer, formatter, config, work, "eval", len(pool))
         _count_flags(tokenized, report)
         pairs = Dataset.from_dict(tokenized.select_columns(list(OUTPUT_COLUMNS)).to_dict())  # off the work dir
     finally:

@@ -20,7 +20,6 @@ import logging
 import math
 import re
 import socket
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from dpolab.errors import ConfigError
+from dpolab.periodic import Periodic
 from dpolab.runs import SweepFolder
 from dpolab.sweep.config import SweepConfig
 
@@ -221,26 +221,15 @@ def trials_used(study: optuna.Study) -> int:
     return len({t.user_attrs.get(NAME_ATTR, f"#{t.number}") for t in study.get_trials(deepcopy=False)})
 
 
-class Heartbeat:
+class Heartbeat(Periodic):
     """Records the trial's heartbeat in the storage while it runs (what Optuna's own optimize() does)."""
 
     def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval_s: float) -> None:
-        self.storage, self.trial_id, self.interval_s = storage, trial_id, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dpolab-heartbeat", daemon=True)
+        super().__init__(interval_s, name="dpolab-heartbeat")
+        self.storage, self.trial_id = storage, trial_id
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as exc:  # a transient storage error must not kill the trial
-                logger.warning("heartbeat failed: %s", exc)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def tick(self) -> None:
+        try:
+            self.storage.record_heartbeat(self.trial_id)
+        except Exception as exc:  # a transient storage error must not kill the trial
+            logger.warning("heartbeat failed: %s", exc)
