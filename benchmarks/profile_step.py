@@ -17,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.logps import PreferenceCollator, concatenated_forward
+from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.dpo.logps import concatenated_forward
 from dpolab.dpo.loss import preference_loss
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--python-gelu", action="store_true", help="keep GPT-2's stock Python GELU")
     parser.add_argument("--shapes", action="store_true", help="also group by input shapes")
+    parser.add_argument("--layout", choices=["auto", "packed", "padded"], default="auto",
+                        help="batch layout (TrainConfig.batch_layout; auto packs on CPU)")
     parser.add_argument("--dtype", choices=["fp32", "bf16-autocast", "bf16"], default="fp32",
                         help="bf16-autocast: fp32 weights under CPU autocast (Trainer's bf16=True); "
                         "bf16: bf16 weights, fp32 master copy in the optimizer (dpolab's CPU bf16)")
@@ -54,7 +57,7 @@ def main() -> None:
         model.to(torch.bfloat16)
         optimizer = MasterWeightAdamW(model.parameters(), lr=5e-5, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16-autocast")
-    collate = PreferenceCollator(tokenizer.pad_token_id)
+    collate = PreferenceCollator(tokenizer.pad_token_id, packed=choose_packed(args.layout, "cpu", model))
     batches = [collate([pairs[i] for i in range(s * args.batch, (s + 1) * args.batch)]) for s in range(args.steps + 1)]
 
     def step(batch) -> None:
@@ -70,9 +73,10 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         for batch in batches[1:]:
             step(batch)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
+    tokens = sum(batch_tokens(b) for b in batches[1:])
     answer = sum(int(b["answer_mask"].sum()) for b in batches[1:])
-    print(f"model {args.model}, {args.dtype}, {args.steps} steps of {args.batch} pairs, {tokens} tokens "
+    print(f"model {args.model}, {args.dtype}, {'packed' if collate.packed else 'padded'} batches, "
+          f"{args.steps} steps of {args.batch} pairs, {tokens} tokens "
           f"({answer} answer tokens), threads {torch.get_num_threads()}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.shapes:

@@ -4,7 +4,9 @@
 
 Variants (each run in a fresh subprocess, run order rotated every round, medians reported):
 
-* ``dpolab``      DpolabTrainer; the reference pass runs once before training (timed separately).
+* ``dpolab``      DpolabTrainer as ``dpolab train`` runs it (``batch_layout: auto``: packed without
+                  padding on CPU, padded on GPUs); the reference pass runs once before training
+                  (timed separately).
 * ``trl_default`` TRL's DPOConfig defaults as a user gets them: gradient checkpointing on,
                   bf16=True (on CPU: bf16 autocast), reference model scored at every step.
 * ``trl_tuned``   TRL with precompute_ref_log_probs=True, gradient checkpointing off, fp32; its
@@ -58,7 +60,9 @@ VARIANTS = ["dpolab", "trl_default", "trl_tuned"]
 # and dpolab in fp32 whatever --dtype says (to compare precisions inside one alternating invocation).
 # trl_tuned_no_cudnn: TRL tuned with the attention setting dpolab makes on CUDA (no cuDNN SDPA, see
 # dpolab.model.prepare_device), to show how much of the gap on a GPU that one setting is.
-EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32", "trl_tuned_no_cudnn"]
+# dpolab_padded / dpolab_packed: dpolab with batch_layout forced (what packing buys on each device).
+EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32", "dpolab_padded", "dpolab_packed",
+                  "trl_tuned_no_cudnn"]
 DEFAULT_STEPS = {"tiny-gpt2": 6, "gpt2-124m-random": 4}
 DEFAULT_BATCH = {"tiny-gpt2": 4, "gpt2-124m-random": 2}
 
@@ -183,7 +187,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.variant.startswith("dpolab"):
         from transformers import TrainingArguments
 
-        from dpolab.dpo.logps import PreferenceCollator
+        from dpolab.dpo.collate import PreferenceCollator, choose_packed
         from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
         from dpolab.dpo.reference import score_pairs
         from dpolab.dpo.trainer import DpolabTrainer
@@ -195,16 +199,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             model.to(torch.bfloat16)  # as load_prepared does; fp32 master copy in the optimizer
         result["bf16_weights"] = bf16_weights
 
+        layout = {"dpolab_padded": "padded", "dpolab_packed": "packed"}.get(args.variant, config.batch_layout)
+        collate = PreferenceCollator(tokenizer.pad_token_id, packed=choose_packed(layout, device, model))
+        result["batch_layout"] = "packed" if collate.packed else "padded"
         start = time.perf_counter()
         ref_chosen, ref_rejected = score_pairs(
-            model, train_set, tokenizer.pad_token_id, config.per_device_eval_batch_size, config.logps_chunk_size)
+            model, train_set, collate, config.per_device_eval_batch_size, config.logps_chunk_size)
         result["reference_s"] = time.perf_counter() - start
         train_set = train_set.add_column("ref_chosen_logps", ref_chosen.tolist()).add_column(
             "ref_rejected_logps", ref_rejected.tolist())
         training_args = TrainingArguments(**common_args, bf16=bf16 and not bf16_weights)  # as dpolab.dpo.trainer
         optimizer = master_weight_optimizer(DpolabTrainer, training_args, model) if bf16_weights else None
         trainer = DpolabTrainer(model=model, args=training_args, train_dataset=train_set, optimizer_cls_and_kwargs=optimizer,
-                            data_collator=PreferenceCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                            data_collator=collate, processing_class=tokenizer,
                             callbacks=callbacks, dpo_config=config)
     else:
         from trl import DPOConfig

@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def subprocess_env() -> dict[str, str]:
+    """Read when a test runs, after conftest's session fixture pointed DPOLAB_CACHE at the test cache."""
+    return {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _run(script: str, args: list[str], out: Path) -> dict:
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|" in proc.stdout  # the markdown table was printed
     return json.loads(out.read_text())
@@ -67,7 +71,7 @@ def test_gpu_check_cpu_path_end_to_end(tmp_path):
     """The GPU check's own CPU path: every stage runs from source (PYTHONPATH=src, no install) and
     leaves its figures and the run/sweep records, without model weights, in the results folder."""
     out = tmp_path / "results"
-    env = {**ENV, "PYTHONPATH": "", "OUT": str(out)}  # $OUT picks the folder; dpolab comes from src/
+    env = {**subprocess_env(), "PYTHONPATH": "", "OUT": str(out)}  # $OUT picks the folder; dpolab comes from src/
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--dtype", "fp32",
                            "--quick", "--model", "tiny-gpt2", "--variants", "dpolab", "--steps", "1", "--warmup",
                            "1", "--repeats", "1", "--batch", "2", "--max-length", "128", "--train-steps", "2",
@@ -91,7 +95,7 @@ def test_gpu_check_cpu_path_end_to_end(tmp_path):
 
 
 def test_gpu_check_without_cuda_fails_in_one_line(tmp_path):
-    env = {**ENV, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}  # no GPU visible, whatever the machine
+    env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}  # no GPU visible, whatever the machine
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")], env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode != 0

@@ -21,6 +21,7 @@ from dpolab.errors import ConfigError
 LossType = Literal["sigmoid", "ipo", "hinge"]
 Engine = Literal["dpolab", "trl"]
 Stage = Literal["dpo", "sft"]
+BatchLayout = Literal["auto", "packed", "padded"]
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -155,6 +156,11 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_doc(
         "(bool, False): recompute each block's activations in backward instead of storing them: less "
         "memory, about a third more compute, same loss and gradients."))
+    batch_layout: BatchLayout = field(default="auto", metadata=_doc(
+        "(str, 'auto'): 'packed' (a batch's sequences end to end, no padding: same log-probs, less compute; "
+        "the model is checked to keep packed sequences apart), 'padded' (each sequence padded to the "
+        "longest), or 'auto' (packed on CPU when the model passes the check, padded on GPUs, where "
+        "packing is not yet measured). dpolab engine only."))
     logps_chunk_size: int = field(default=128, metadata=_doc(
         "(int, 128): answer tokens per LM-head chunk; bounds the (chunk, vocab) logits in memory."))
     cache_dir: str | None = field(default=None, metadata=_doc(

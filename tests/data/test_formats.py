@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dpolab.data import Formatter, hh_to_messages, prepare_data, read_jsonl, sample_path, to_pair
+from dpolab.dpo.collate import PreferenceCollator
 from dpolab.errors import DataError
 from dpolab.model import build_builtin, load_tokenizer
 from tests.conftest import tiny_config
@@ -77,13 +78,13 @@ def test_every_format_and_file_type_gives_the_same_ids_and_logps(tmp_path, token
     expected, report, datasets = ids_of(tiny_config(dataset=files["hh"], **base), tokenizer)
     assert report.kept == {"train": 29, "eval": 3} and report.sources[0]["format"] == "hh"
     model = build_builtin("tiny-gpt2").eval()
-    ref = score_pairs(model, datasets["train"], pad_token_id=50256, batch_size=8, chunk_size=64)
+    ref = score_pairs(model, datasets["train"], PreferenceCollator(50256), batch_size=8, chunk_size=64)
     for name, path in files.items():
         got, report, datasets = ids_of(tiny_config(dataset=path, **base), tokenizer)
         assert report.sources[0]["format"] == name.split(".")[0]
         assert got == expected, name
         assert report.kept == {"train": 29, "eval": 3}
-        again = score_pairs(model, datasets["train"], pad_token_id=50256, batch_size=8, chunk_size=64)
+        again = score_pairs(model, datasets["train"], PreferenceCollator(50256), batch_size=8, chunk_size=64)
         assert torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1]), name
 
 

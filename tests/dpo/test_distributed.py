@@ -76,7 +76,8 @@ import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.logps import PreferenceCollator, concatenated_forward, output_weight
+from dpolab.dpo.collate import PreferenceCollator
+from dpolab.dpo.logps import concatenated_forward, output_weight
 from dpolab.dpo.loss import preference_loss
 from dpolab.model import disable_dropout, load_model, load_tokenizer
 

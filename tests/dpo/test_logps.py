@@ -2,7 +2,8 @@
 
 import torch
 
-from dpolab.dpo.logps import PreferenceCollator, answer_token_logps, concatenated_forward
+from dpolab.dpo.collate import PreferenceCollator
+from dpolab.dpo.logps import answer_token_logps, concatenated_forward
 from dpolab.model import build_builtin, disable_dropout
 
 

@@ -14,10 +14,18 @@ from safetensors.torch import load_file
 from dpolab.cli import main
 
 # logging_steps 5 and save_steps 3 do not line up: train rows must still cover every step once.
+# dtype fp32: `auto` times a matmul probe in each process, and on a busy machine with bf16
+# instructions two processes could choose differently (seen once in 9 runs beside two busy loops).
 ARGS = ["train", "--config", "configs/tiny.yaml", "--max-train-pairs", "96", "--max-eval-pairs", "16",
         "--per-device-train-batch-size", "4", "--max-steps", "24", "--save-steps", "3", "--logging-steps", "5",
-        "--eval-steps", "12", "--seed", "3", "--lr-scheduler-type", "constant"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        "--eval-steps", "12", "--seed", "3", "--lr-scheduler-type", "constant", "--dtype", "fp32"]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Read when a test runs, after conftest's session fixture pointed DPOLAB_CACHE at the test cache:
+    captured at import, the killed run would score its reference into (and read stale entries from)
+    the user's own cache."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 # Runs `dpolab` and SIGKILLs it right after the final model's weights are written (before the
 # tokenizer and summary.json): the checkpoint of the last step is complete, the run is not.
@@ -76,7 +84,7 @@ def assert_same_run(resumed_dir, clean_dir):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, clean_dir):
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "dpolab.cli", *ARGS, "--output-dir", str(killed_dir)],
-                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # A complete row at step >= 8 is followed by the step-10 row: checkpoint-9 was written
         # right after the step-9 row (saving is synchronous).
@@ -98,7 +106,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, clean_dir):
 def test_sigkill_during_the_final_save_then_resume_trains_no_step_past_max_steps(tmp_path, clean_dir):
     killed_dir = tmp_path / "killed"
     process = subprocess.run([sys.executable, "-c", KILL_IN_FINAL_SAVE, *ARGS, "--output-dir", str(killed_dir)],
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert process.returncode == -signal.SIGKILL
     assert (killed_dir / "checkpoints" / "checkpoint-24").is_dir()
     assert not (killed_dir / "summary.json").exists()

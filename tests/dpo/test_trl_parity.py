@@ -16,7 +16,8 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
+from dpolab.dpo.collate import PreferenceCollator
+from dpolab.dpo.logps import answer_lengths, concatenated_forward
 from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.reference import score_pairs
 from dpolab.model import build_builtin, disable_dropout, load_tokenizer, use_fused_gelu
@@ -50,7 +51,7 @@ def dpolab_numbers(pairs, reference, policy, loss_type: str, rpo_alpha: float = 
     # As the dpolab engine runs them (fused GELU); TRL keeps GPT-2's stock Python GELU.
     reference, policy = copy.deepcopy(reference), copy.deepcopy(policy)
     assert use_fused_gelu(reference) == use_fused_gelu(policy) == 2
-    ref_chosen, ref_rejected = score_pairs(reference, pairs, pad_token_id=50256, batch_size=8,
+    ref_chosen, ref_rejected = score_pairs(reference, pairs, PreferenceCollator(50256), batch_size=8,
                                                        chunk_size=128)  # (B,), (B,)
     batch = PreferenceCollator(50256)([pairs[i] for i in range(len(pairs))])
     policy.train()

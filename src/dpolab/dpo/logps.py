@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 
 class _AnswerTokenLogProbs(torch.autograd.Function):
@@ -89,6 +87,35 @@ def answer_token_logps(
         return _AnswerTokenLogProbs.apply(hidden, lm_head_weight, targets, chunk_size, compute_dtype)
 
 
+def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128) -> torch.Tensor:
+    """Summed log-prob of the answer tokens of each sequence in a collated batch, padded or packed
+    (the layouts are described in :mod:`dpolab.dpo.collate`).
+
+    Args:
+        model: a causal LM (possibly wrapped by DDP: we call its own forward so gradient
+            synchronisation hooks run).
+        batch: ``input_ids``, ``answer_mask``, ``sequence_index`` (R, L), ``answer_lengths`` (S,), and
+            ``attention_mask`` (padded) or ``position_ids`` (packed), all (R, L).
+
+    Returns: (S,) float32 sum over answer tokens of log pi(token | tokens before it).
+    """
+    layout = ({"position_ids": batch["position_ids"]} if "position_ids" in batch
+              else {"attention_mask": batch["attention_mask"]})
+    # logits_to_keep=1: the model's own head runs on one position only; we take the final
+    # hidden states and apply the head at answer positions ourselves.
+    outputs = model(input_ids=batch["input_ids"], **layout, output_hidden_states=True, logits_to_keep=1,
+                    use_cache=False)
+    hidden = outputs.hidden_states[-1]  # (R, L, H), after the final layer norm
+    target_mask = batch["answer_mask"][:, 1:].bool()  # (R, L-1): token t is predicted at position t-1
+    rows = batch["sequence_index"][:, 1:][target_mask]  # (N,) which sequence each answer token is in
+    answer_hidden = hidden[:, :-1][target_mask]  # (N, H)
+    targets = batch["input_ids"][:, 1:][target_mask]  # (N,)
+    with gathered_output_weight(model) as lm_head:  # (V, H)
+        token_logps = answer_token_logps(answer_hidden, lm_head, targets, chunk_size)  # (N,)
+    num_sequences = batch["answer_lengths"].shape[0]
+    return torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
+
+
 def sequence_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -96,30 +123,15 @@ def sequence_logps(
     answer_mask: torch.Tensor,
     chunk_size: int = 128,
 ) -> torch.Tensor:
-    """Summed log-prob of the answer tokens of each sequence.
+    """:func:`batch_logps` of right-padded (S, T) tensors (the web app's and the samples' scoring).
 
-    Args:
-        model: a causal LM (possibly wrapped by DDP: we call its own forward so gradient
-            synchronisation hooks run).
-        input_ids: (S, T) prompt + answer token ids, right-padded.
-        attention_mask: (S, T) 1 for real tokens.
-        answer_mask: (S, T) 1 at answer tokens (the ones we score), 0 at prompt and padding.
-
-    Returns: (S,) float32 sum over answer tokens of log pi(token | tokens before it).
+    Returns: (S,) float32 summed answer log-probs.
     """
-    # logits_to_keep=1: the model's own head runs on one position only; we take the final
-    # hidden states and apply the head at answer positions ourselves.
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                    logits_to_keep=1, use_cache=False)
-    hidden = outputs.hidden_states[-1]  # (S, T, H), after the final layer norm
-    target_mask = answer_mask[:, 1:].bool()  # (S, T-1): token t is predicted at position t-1
-    rows = target_mask.nonzero(as_tuple=True)[0]  # (N,) which sequence each answer token is in
-    answer_hidden = hidden[:, :-1][target_mask]  # (N, H)
-    targets = input_ids[:, 1:][target_mask]  # (N,)
-    with gathered_output_weight(model) as lm_head:  # (V, H)
-        token_logps = answer_token_logps(answer_hidden, lm_head, targets, chunk_size)  # (N,)
-    return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(
-        0, rows, token_logps)
+    sequence_index = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
+             "sequence_index": sequence_index.masked_fill(attention_mask == 0, -1),  # (S, T)
+             "answer_lengths": answer_mask.sum(1)}  # (S,)
+    return batch_logps(model, batch, chunk_size)
 
 
 def concatenated_forward(
@@ -127,19 +139,18 @@ def concatenated_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy log-probs of chosen and rejected answers from ONE forward pass.
 
-    The collator stacks the B chosen sequences on top of the B rejected ones: one (2B, T) pass
-    instead of two (B, T) passes uses the hardware better and, under FSDP/DDP, triggers one
+    The collator stacks the B chosen sequences on top of the B rejected ones (or packs all 2B in
+    rows): one pass instead of two uses the hardware better and, under FSDP/DDP, triggers one
     parameter gather / gradient sync instead of two.
 
     Returns: chosen_logps (B,), rejected_logps (B,).
     """
-    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["answer_mask"], chunk_size)
-    return logps.chunk(2)
+    return batch_logps(model, batch, chunk_size).chunk(2)
 
 
 def answer_lengths(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Answer tokens per pair, ``{"chosen_lengths": (B,), "rejected_lengths": (B,)}`` (IPO needs them)."""
-    chosen_lengths, rejected_lengths = batch["answer_mask"].sum(1).float().chunk(2)
+    chosen_lengths, rejected_lengths = batch["answer_lengths"].float().chunk(2)
     return {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
 
 
@@ -197,33 +208,3 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
 
 def _unwrap(model: torch.nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
-
-
-@dataclass
-class PreferenceCollator:
-    """Pads a list of tokenized pairs into one batch of 2B sequences (chosen first, then rejected).
-
-    Each example has ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (already truncated to the
-    budget, EOS included) and optionally ``ref_chosen_logps`` / ``ref_rejected_logps``.
-    ``answer_keys=("chosen_ids",)`` gives SFT's batch of B prompt + chosen sequences instead.
-    """
-
-    pad_token_id: int
-    answer_keys: tuple[str, ...] = ("chosen_ids", "rejected_ids")
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences, answer_masks = [], []
-        for answer_key in self.answer_keys:
-            for example in examples:
-                prompt, answer = list(example["prompt_ids"]), list(example[answer_key])
-                sequences.append(torch.tensor(prompt + answer, dtype=torch.long))
-                answer_masks.append(torch.tensor([0] * len(prompt) + [1] * len(answer), dtype=torch.long))
-        batch = {
-            "input_ids": pad_sequence(sequences, batch_first=True, padding_value=self.pad_token_id),  # (2B, T)
-            "attention_mask": pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True),  # (2B, T)
-            "answer_mask": pad_sequence(answer_masks, batch_first=True),  # (2B, T)
-        }
-        if "ref_chosen_logps" in examples[0]:
-            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # (B,)
-            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # (B,)
-        return batch

@@ -17,7 +17,8 @@ import torch
 from datasets import DatasetDict
 from tqdm.auto import tqdm
 
-from dpolab.dpo.logps import PreferenceCollator, concatenated_forward
+from dpolab.dpo.collate import PreferenceCollator
+from dpolab.dpo.logps import concatenated_forward
 from dpolab.errors import ConfigError
 from dpolab.model import disable_dropout, load_model, use_fused_gelu, weights_fingerprint
 
@@ -38,19 +39,19 @@ def load_reference(name: str, policy: torch.nn.Module, device: torch.device | st
 
 @torch.no_grad()
 def score_pairs(
-    model: torch.nn.Module, dataset, pad_token_id: int, batch_size: int, chunk_size: int, desc: str = "reference"
+    model: torch.nn.Module, dataset, collate: PreferenceCollator, batch_size: int, chunk_size: int,
+    desc: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (N,), rejected (N,)) summed answer log-probs under ``model``, in dataset order: the
     reference pass, and ``dpolab evaluate`` scoring policy and reference alike.
 
-    Pairs are scored in order of length so each batch pads little, then put back in place.
+    Pairs are scored in order of length so each batch pads little (or packs well), then put back in place.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     lengths = dataset["length"]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    collate = PreferenceCollator(pad_token_id)
     columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
     chosen = torch.empty(len(order), dtype=torch.float32)
     rejected = torch.empty(len(order), dtype=torch.float32)
@@ -69,7 +70,7 @@ def add_reference_logps(
     datasets: DatasetDict,
     data_key: str,
     cache_dir: Path,
-    pad_token_id: int,
+    collate: PreferenceCollator,
     batch_size: int,
     chunk_size: int,
 ) -> tuple[DatasetDict, dict[str, object]]:
@@ -87,7 +88,7 @@ def add_reference_logps(
         logger.info("reference log-probs: cache hit %s (reference pass skipped)", path)
     else:
         logger.info("reference log-probs: computing once with the frozen reference (cache miss)")
-        cached = {split: score_pairs(model, ds, pad_token_id, batch_size, chunk_size, desc=split)
+        cached = {split: score_pairs(model, ds, collate, batch_size, chunk_size, desc=split)
                   for split, ds in datasets.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

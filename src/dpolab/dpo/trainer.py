@@ -23,7 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from dpolab.config import TrainConfig
 from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
-from dpolab.dpo.logps import PreferenceCollator, answer_lengths, concatenated_forward
+from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.dpo.logps import answer_lengths, concatenated_forward
 from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
 from dpolab.dpo.reference import add_reference_logps, load_reference
@@ -65,7 +66,7 @@ class DpolabTrainer(StageTrainer):
         mode = "train" if model.training else "eval"
         if mode == "train":
             self.pairs_seen += policy_chosen_logps.shape[0]
-            self.tokens_seen += int(inputs["attention_mask"].sum())
+            self.tokens_seen += batch_tokens(inputs)
         # Gather per-pair values from every process so logged means cover the global batch.
         values = (losses.detach(), chosen_rewards, rejected_rewards,
                   policy_chosen_logps.detach(), policy_rejected_logps.detach())
@@ -102,9 +103,10 @@ class Prepared:
     model: PreTrainedModel
     datasets: DatasetDict
     data_report: DataReport
-    reference_info: dict[str, Any]  # reference_cache / reference_time_s / reference_key, for summary.json
+    reference_info: dict[str, Any]  # reference_cache / _time_s / _key and batch_layout, for summary.json
     device: str
     dtype: str
+    packed: bool  # batch layout without padding (dpolab.dpo.collate)
 
 
 def load_prepared(config: TrainConfig) -> Prepared:
@@ -124,13 +126,17 @@ def load_prepared(config: TrainConfig) -> Prepared:
         model.to(target)
     # A separate reference (ref_model) lives only for its one pass.
     reference = load_reference(config.ref_model, model, target) if config.ref_model else model
+    packed = choose_packed(config.batch_layout, device, model)
+    reference_packed = packed if reference is model else choose_packed(config.batch_layout, device, reference)
     datasets, reference_info = add_reference_logps(
-        reference, datasets, data_key, Path(config.cache_dir or default_cache_dir()), tokenizer.pad_token_id,
+        reference, datasets, data_key, Path(config.cache_dir or default_cache_dir()),
+        PreferenceCollator(tokenizer.pad_token_id, packed=reference_packed),
         batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size)
     del reference
     if uses_lora(config):  # after the reference pass: it scored the base model, adapters are a no-op on it
         model = add_adapters(model, config)
-    return Prepared(tokenizer, model, datasets, report, reference_info, device, dtype)
+    reference_info["batch_layout"] = "packed" if packed else "padded"
+    return Prepared(tokenizer, model, datasets, report, reference_info, device, dtype, packed)
 
 
 def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
@@ -154,7 +160,8 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
             model=prepared.model, args=args, optimizer_cls_and_kwargs=(
                 master_weight_optimizer(DpolabTrainer, args, prepared.model) if bf16_weights else None),
             train_dataset=prepared.datasets["train"], eval_dataset=prepared.datasets["eval"],
-            data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id), processing_class=prepared.tokenizer,
+            data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id, packed=prepared.packed),
+            processing_class=prepared.tokenizer,
             callbacks=[*trainer_callbacks, *sample_callbacks(config, run, prepared.tokenizer, prepared.datasets["eval"],
                                                              prepared.reference_info["reference_key"], config.beta)],
             dpo_config=config, system_sampler=sampler)

@@ -11,6 +11,7 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
+from dpolab.dpo.collate import PreferenceCollator, choose_packed
 from dpolab.dpo.loss import preference_loss, preference_metrics
 from dpolab.dpo.reference import score_pairs
 
@@ -18,12 +19,15 @@ logger = logging.getLogger(__name__)
 
 
 def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_dataset, config: TrainConfig,
-                 pad_token_id: int) -> dict[str, Any]:
+                 pad_token_id: int, device: str) -> dict[str, Any]:
     """Metrics of ``policy`` vs ``reference`` on ``eval_dataset`` (tokenized held-out pairs)."""
-    kwargs = dict(pad_token_id=pad_token_id, batch_size=config.per_device_eval_batch_size,
-                  chunk_size=config.logps_chunk_size)
-    ref_chosen, ref_rejected = score_pairs(reference, eval_dataset, desc="reference", **kwargs)
-    pol_chosen, pol_rejected = score_pairs(policy, eval_dataset, desc="policy", **kwargs)
+    def scores(model: torch.nn.Module, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        collate = PreferenceCollator(pad_token_id, packed=choose_packed(config.batch_layout, device, model))
+        return score_pairs(model, eval_dataset, collate, config.per_device_eval_batch_size, config.logps_chunk_size,
+                           desc=desc)
+
+    ref_chosen, ref_rejected = scores(reference, "reference")
+    pol_chosen, pol_rejected = scores(policy, "policy")
     lengths = {f"{side}_lengths": torch.tensor([len(ids) for ids in eval_dataset[f"{side}_ids"]], dtype=torch.float32)
                for side in ("chosen", "rejected")}  # (B,) answer tokens, for IPO
     losses, chosen_rewards, rejected_rewards = preference_loss(

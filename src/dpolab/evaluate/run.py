@@ -41,7 +41,7 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
     eval_dataset = held_out_pairs(config, tokenizer)
 
     result: dict[str, Any] = {"run": str(run.path), "base_model": config.model}
-    result["pairs"] = pair_metrics(policy, reference, eval_dataset, config, tokenizer.pad_token_id)
+    result["pairs"] = pair_metrics(policy, reference, eval_dataset, config, tokenizer.pad_token_id, device)
     logger.info("held-out pairs: loss %.4f, reward accuracy %.3f, margin %.4f", result["pairs"]["loss"],
                 result["pairs"]["rewards/accuracies"], result["pairs"]["rewards/margins"])
 
@@ -91,7 +91,7 @@ def evaluate_model(model: str, reference: str, dataset: str, split: str = "train
     for loaded in (policy, ref):
         disable_dropout(loaded)
     result = {"model": model, "reference": reference, "dataset": dataset, "split": split,
-              "pairs": pair_metrics(policy, ref, pairs, config, tokenizer.pad_token_id),
+              "pairs": pair_metrics(policy, ref, pairs, config, tokenizer.pad_token_id, device),
               "data_report": report.to_dict(), "generation": None, "judge": None}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

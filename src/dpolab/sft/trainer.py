@@ -20,7 +20,8 @@ from transformers import Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.logps import PreferenceCollator, sequence_logps
+from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.dpo.logps import batch_logps
 from dpolab.dpo.loss import chosen_nll
 from dpolab.dpo.samples import sample_callbacks
 from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
@@ -35,19 +36,18 @@ SFT_ANSWER = ("chosen_ids",)  # SFT imitates the preferred answer of each pair
 
 
 class SFTTrainer(StageTrainer):
-    """``Trainer`` whose loss is the mean NLL of the answer tokens of a batch of (B, T) sequences."""
+    """``Trainer`` whose loss is the mean NLL of the answer tokens of a batch of B sequences (padded or packed)."""
 
     def __init__(self, *args: Any, sft_config: TrainConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sft_config = sft_config
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        answer_logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["answer_mask"],
-                                      self.sft_config.logps_chunk_size)  # (B,)
-        loss = chosen_nll(answer_logps, inputs["answer_mask"].sum(1))  # mean over every answer token
+        answer_logps = batch_logps(model, inputs, self.sft_config.logps_chunk_size)  # (B,)
+        loss = chosen_nll(answer_logps, inputs["answer_lengths"])  # mean over every answer token
         if model.training:
             self.pairs_seen += answer_logps.shape[0]
-            self.tokens_seen += int(inputs["attention_mask"].sum())
+            self.tokens_seen += batch_tokens(inputs)
         return (loss, None) if return_outputs else loss
 
 
@@ -63,6 +63,7 @@ def train_sft(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     use_fused_gelu(model)
     datasets, report, _ = prepare_data(config, tokenizer)
     run.write_data_report(report.to_dict())
+    packed = choose_packed(config.batch_layout, device, model)
     if uses_lora(config):
         model = add_adapters(model, config)
 
@@ -70,7 +71,7 @@ def train_sft(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         return SFTTrainer(
             model=model, args=training_arguments(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"],
-            data_collator=PreferenceCollator(tokenizer.pad_token_id, answer_keys=SFT_ANSWER),
+            data_collator=PreferenceCollator(tokenizer.pad_token_id, answer_keys=SFT_ANSWER, packed=packed),
             processing_class=tokenizer,
             callbacks=[*trainer_callbacks, *sample_callbacks(config, run, tokenizer, datasets["eval"], None, None)],
             sft_config=config, system_sampler=sampler)

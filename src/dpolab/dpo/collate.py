@@ -1,0 +1,173 @@
+"""Batches of preference pairs, padded or packed without padding.
+
+A batch of HH-RLHF pairs padded to its longest sequence is a third padding at 2 pairs and more
+than half at 8 (bundled sample, max_length 512, random order): the transformer body spends that
+share of its matmuls on tokens nobody scores. The *packed* layout puts the 2B sequences end to end
+in a few rows instead, each sequence's position ids restarting at 0. With no attention mask,
+transformers reads those restarts as sequence boundaries (``masking_utils.find_packed_sequence_indices``)
+and builds a block-diagonal causal mask, so no token sees another sequence and every log-prob is
+the padded layout's up to float rounding (a sequence's offset in its row changes how attention
+groups its sums: ~1e-7 relative; tests/dpo/test_collate.py). That this holds for a given model is
+checked, not assumed: :func:`packs_correctly`.
+
+Both layouts carry the same keys, so :func:`dpolab.dpo.logps.batch_logps` reads either:
+
+* ``input_ids`` (R, L), ``answer_mask`` (R, L): 1 at the answer tokens we score;
+* ``sequence_index`` (R, L): which of the S sequences each position holds, -1 at padding;
+* ``answer_lengths`` (S,): answer tokens per sequence (IPO's length normalisation, SFT's mean);
+* padded (R = S): ``attention_mask`` (S, T); packed: ``position_ids`` (R, L) and no mask.
+
+Sequences 0..B-1 are the chosen answers, B..2B-1 the rejected ones (one forward pass for both,
+see :func:`dpolab.dpo.logps.concatenated_forward`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from dpolab.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Tokens per packed row. Attention over a row with a dense block mask costs (row length)^2
+# however the row is split into sequences: 16 sequences of HH pairs (batch 8) in one 2,700-token
+# row made attention 1.8x the padded layout's on CPU, in rows of <= 1,024 tokens 0.6x.
+PACKED_ROW_TOKENS = 1024
+
+
+@dataclass
+class PreferenceCollator:
+    """Collates tokenized pairs into one batch of 2B sequences (chosen first, then rejected).
+
+    Each example has ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (already truncated to the
+    budget, EOS included) and optionally ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    ``answer_keys=("chosen_ids",)`` gives SFT's batch of B prompt + chosen sequences instead.
+    ``packed=True`` lays them out without padding (module docstring).
+    """
+
+    pad_token_id: int
+    answer_keys: tuple[str, ...] = ("chosen_ids", "rejected_ids")
+    packed: bool = False
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences, answer_masks = [], []
+        for answer_key in self.answer_keys:
+            for example in examples:
+                prompt, answer = list(example["prompt_ids"]), list(example[answer_key])
+                sequences.append(torch.tensor(prompt + answer, dtype=torch.long))
+                answer_masks.append(torch.tensor([0] * len(prompt) + [1] * len(answer), dtype=torch.long))
+        layout = pack if self.packed else pad
+        batch = layout(sequences, answer_masks, self.pad_token_id)
+        batch["answer_lengths"] = torch.stack([mask.sum() for mask in answer_masks])  # (S,)
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # (B,)
+            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # (B,)
+        return batch
+
+
+def pad(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded row per sequence: (S, T) with T the longest sequence."""
+    index = [torch.full_like(s, i) for i, s in enumerate(sequences)]
+    return {
+        "input_ids": pad_sequence(sequences, batch_first=True, padding_value=pad_token_id),  # (S, T)
+        "attention_mask": pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True),  # (S, T)
+        "answer_mask": pad_sequence(answer_masks, batch_first=True),  # (S, T)
+        "sequence_index": pad_sequence(index, batch_first=True, padding_value=-1),  # (S, T)
+    }
+
+
+def pack(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Sequences end to end in rows of at most ``PACKED_ROW_TOKENS`` (or the longest sequence):
+    first fit, longest first, which fills rows well without reordering the pairs' meaning (the
+    rows only hold positions; ``sequence_index`` says whose they are).
+
+    Every row ends with at least one filler token, never scored:
+    rows then share one length, and the last column is never the pad id, which would make
+    transformers warn that the input looks padded without an attention mask.
+    """
+    capacity = max(PACKED_ROW_TOKENS, max(len(s) for s in sequences))
+    rows: list[list[int]] = []  # sequence numbers per row
+    room: list[int] = []
+    for number in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
+        size = len(sequences[number])
+        row = next((r for r, free in enumerate(room) if free >= size), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(number)
+        room[row] -= size
+    length = capacity - min(room) + 1  # the fullest row plus one filler token
+    filler = 0 if pad_token_id != 0 else 1  # any id: the filler's outputs are never read
+    input_ids = torch.full((len(rows), length), filler, dtype=torch.long)  # (R, L)
+    position_ids = torch.zeros_like(input_ids)  # (R, L)
+    answer_mask = torch.zeros_like(input_ids)  # (R, L)
+    sequence_index = torch.full_like(input_ids, -1)  # (R, L)
+    for r, numbers in enumerate(rows):
+        start = 0
+        for number in numbers:
+            end = start + len(sequences[number])
+            input_ids[r, start:end] = sequences[number]
+            position_ids[r, start:end] = torch.arange(end - start)
+            answer_mask[r, start:end] = answer_masks[number]
+            sequence_index[r, start:end] = number
+            start = end
+    # Filler tokens keep position 0: each is a segment of one (and no position exceeds the model's).
+    # A sequence's first token is predicted by nothing (in a padded row there is no position
+    # before it; here the one before belongs to another sequence): never score it.
+    answer_mask[position_ids == 0] = 0
+    return {"input_ids": input_ids, "position_ids": position_ids, "answer_mask": answer_mask,
+            "sequence_index": sequence_index}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens in a collated batch, either layout."""
+    return int((batch["sequence_index"] >= 0).sum())
+
+
+@torch.no_grad()
+def packs_correctly(model: torch.nn.Module) -> bool:
+    """Whether ``model`` keeps packed sequences apart: two short sequences packed in one row must
+    give the final hidden states each gives alone. A model whose attention ignores packed position
+    ids (an older modelling file, a custom mask) lets the second sequence attend to the first,
+    which moves its hidden states by far more than the tolerance, even at random init.
+    """
+    device = next(model.parameters()).device
+    first, second = torch.arange(5, 12, device=device), torch.arange(20, 26, device=device)
+
+    def final_hidden(input_ids: torch.Tensor, **layout: torch.Tensor) -> torch.Tensor:
+        outputs = model(input_ids=input_ids[None], **layout, output_hidden_states=True, logits_to_keep=1,
+                        use_cache=False)
+        return outputs.hidden_states[-1][0].float()  # (T, H)
+
+    was_training = model.training
+    model.eval()
+    try:
+        alone = torch.cat([final_hidden(first), final_hidden(second)])  # (13, H)
+        positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device)[None]
+        packed = final_hidden(torch.cat([first, second]), position_ids=positions)  # (13, H)
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return torch.allclose(packed, alone, atol=tolerance, rtol=tolerance)
+
+
+def choose_packed(layout: str, device: str, model: torch.nn.Module) -> bool:
+    """Resolve ``batch_layout`` (see :class:`dpolab.config.TrainConfig`) for ``model`` on ``device``."""
+    if layout == "padded" or (layout == "auto" and device != "cpu"):
+        if layout == "auto":
+            logger.info("batch layout: padded (auto packs on CPU only; on GPUs it is not yet measured)")
+        return False
+    if packs_correctly(model):
+        logger.info("batch layout: packed (no padding; model checked to keep packed sequences apart)")
+        return True
+    if layout == "packed":
+        raise ConfigError(f"batch_layout: packed, but {type(model).__name__} attends across packed sequences "
+                          "(its attention ignores per-sequence position ids); use batch_layout: padded")
+    logger.warning("batch layout: padded (%s attends across packed sequences)", type(model).__name__)
+    return False
