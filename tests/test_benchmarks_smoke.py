@@ -50,6 +50,15 @@ def test_train_throughput_smoke(tmp_path):
     assert data["summary"]["tiny-gpt2"]["ratios"]["dpolab_vs_trl_tuned"]["pairs_per_s"] > 0
 
 
+def test_packed_attention_smoke(tmp_path):
+    data = _run("packed_attention.py", ["--pairs", "2", "--repeats", "1", "--caps", "256", "4096", "--max-length",
+                                        "128"], tmp_path / "attention.json")
+    assert set(data["results"]) == {"padded", "packed, rows <= 256", "packed, rows <= 4096"}
+    assert data["results"]["padded"]["rows"] == 4 and data["results"]["packed, rows <= 4096"]["rows"] == 1
+    assert data["results"]["padded"]["vs_padded"] == 1.0
+    assert all(r["seconds"]["median"] > 0 for r in data["results"].values())
+
+
 @pytest.mark.slow
 def test_generate_latency_smoke(tmp_path):
     data = _run("generate_latency.py", ["--model", "tiny-gpt2", "--repeats", "1", "--new-tokens", "3",

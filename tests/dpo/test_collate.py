@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpolab.dpo import collate
 from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed, packs_correctly
 from dpolab.dpo.logps import answer_lengths, concatenated_forward
 from dpolab.errors import ConfigError
@@ -20,9 +19,8 @@ PAIRS = [
 ]
 
 
-def test_packed_layout_by_hand(monkeypatch):
-    monkeypatch.setattr(collate, "PACKED_ROW_TOKENS", 8)  # room for two of the four sequences per row
-    batch = PreferenceCollator(pad_token_id=0, packed=True)(PAIRS)
+def test_packed_layout_by_hand():
+    batch = PreferenceCollator(pad_token_id=0, packed=True, row_tokens=8)(PAIRS)  # room for two sequences a row
     # Sequences: 0 = [1,2,3,4,5], 1 = [7,8,9], 2 = [1,2,3,6], 3 = [7,8,10,11,12]; longest first:
     # 0 and 3 (5 tokens each) open rows, 2 fits beside neither (5 + 4 > 8), 1 fits beside 0.
     # Rows end with one filler token (id 1: not the pad id) at position 0.
@@ -73,13 +71,12 @@ def logps_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("row_tokens", [4096, 300])  # one row; several rows with filler tails
-def test_packed_equals_padded_on_real_pairs_gpt2(tokenizer, monkeypatch, row_tokens):
-    monkeypatch.setattr(collate, "PACKED_ROW_TOKENS", row_tokens)
+def test_packed_equals_padded_on_real_pairs_gpt2(tokenizer, row_tokens):
     model = build_builtin("tiny-gpt2")
     disable_dropout(model)
     pairs = real_pairs(tokenizer, 6)
     padded = PreferenceCollator(tokenizer.pad_token_id)(pairs)
-    packed = PreferenceCollator(tokenizer.pad_token_id, packed=True)(pairs)
+    packed = PreferenceCollator(tokenizer.pad_token_id, packed=True, row_tokens=row_tokens)(pairs)
     assert packed["input_ids"].numel() < 0.8 * padded["input_ids"].numel()  # the point: less to compute
     assert (packed["input_ids"].shape[0] > 1) == (row_tokens == 300)
     padded_logps, padded_grads = logps_and_grads(model, padded)

@@ -35,8 +35,8 @@ from dpolab.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Tokens per packed row. Attention over a row with a dense block mask costs (row length)^2
-# however the row is split into sequences: 16 sequences of HH pairs (batch 8) in one 2,700-token
-# row made attention 1.8x the padded layout's on CPU, in rows of <= 1,024 tokens 0.6x.
+# however the row is split into sequences: for 8 HH pairs, one row of all 16 sequences makes
+# attention slower than padding, rows of <= 1,024 tokens faster (benchmarks/packed_attention.py).
 PACKED_ROW_TOKENS = 1024
 
 
@@ -53,6 +53,7 @@ class PreferenceCollator:
     pad_token_id: int
     answer_keys: tuple[str, ...] = ("chosen_ids", "rejected_ids")
     packed: bool = False
+    row_tokens: int = PACKED_ROW_TOKENS  # packed rows' length cap (a longer sequence gets a row of its own)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences, answer_masks = [], []
@@ -61,8 +62,10 @@ class PreferenceCollator:
                 prompt, answer = list(example["prompt_ids"]), list(example[answer_key])
                 sequences.append(torch.tensor(prompt + answer, dtype=torch.long))
                 answer_masks.append(torch.tensor([0] * len(prompt) + [1] * len(answer), dtype=torch.long))
-        layout = pack if self.packed else pad
-        batch = layout(sequences, answer_masks, self.pad_token_id)
+        if self.packed:
+            batch = pack(sequences, answer_masks, self.pad_token_id, self.row_tokens)
+        else:
+            batch = pad(sequences, answer_masks, self.pad_token_id)
         batch["answer_lengths"] = torch.stack([mask.sum() for mask in answer_masks])  # (S,)
         if "ref_chosen_logps" in examples[0]:
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # (B,)
@@ -81,8 +84,9 @@ def pad(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_tok
     }
 
 
-def pack(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Sequences end to end in rows of at most ``PACKED_ROW_TOKENS`` (or the longest sequence):
+def pack(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int,
+         row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, torch.Tensor]:
+    """Sequences end to end in rows of at most ``row_tokens`` tokens (or the longest sequence):
     first fit, longest first, which fills rows well without reordering the pairs' meaning (the
     rows only hold positions; ``sequence_index`` says whose they are).
 
@@ -90,7 +94,7 @@ def pack(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_to
     rows then share one length, and the last column is never the pad id, which would make
     transformers warn that the input looks padded without an attention mask.
     """
-    capacity = max(PACKED_ROW_TOKENS, max(len(s) for s in sequences))
+    capacity = max(row_tokens, max(len(s) for s in sequences))
     rows: list[list[int]] = []  # sequence numbers per row
     room: list[int] = []
     for number in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
