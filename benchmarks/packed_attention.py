@@ -6,8 +6,9 @@ A packed row attends through a dense block-diagonal mask, so its attention costs
 whatever the sequences inside it; padded sequences cost (batch x longest^2). This times GPT-2 124M's
 attention (12 heads of 64, ``scaled_dot_product_attention`` forward + backward, one layer) on the
 sequences of real HH-RLHF pairs (bundled sample, max_length 512, a seeded random batch), laid out
-by dpolab's own collator: padded, and packed with several row caps (``PreferenceCollator.row_tokens``;
-dpolab uses ``PACKED_ROW_TOKENS``). Medians of ``--repeats``, after one warm-up.
+by dpolab's own collator: padded, and packed into rows of several mean lengths
+(``PreferenceCollator.row_tokens``; dpolab uses ``PACKED_ROW_TOKENS``). Medians of ``--repeats``,
+after one warm-up.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=8, help="pairs per batch (2x as many sequences)")
     parser.add_argument("--caps", type=int, nargs="+", default=[512, 1024, 2048, 100_000],
-                        help="packed row caps in tokens (100000: everything in one row)")
+                        help="PreferenceCollator.row_tokens values: ceil(tokens / row_tokens) balanced rows "
+                        "(100000: everything in one row)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", type=Path, default=None)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = [pairs[i] for i in chosen]
     layouts = {"padded": PreferenceCollator(tokenizer.pad_token_id)(examples)}
     for cap in args.caps:
-        layouts[f"packed, rows <= {cap}"] = PreferenceCollator(tokenizer.pad_token_id, packed=True,
+        layouts[f"packed, row_tokens {cap}"] = PreferenceCollator(tokenizer.pad_token_id, packed=True,
                                                                row_tokens=cap)(examples)
     results = {}
     for name, batch in layouts.items():

@@ -53,8 +53,8 @@ def test_train_throughput_smoke(tmp_path):
 def test_packed_attention_smoke(tmp_path):
     data = _run("packed_attention.py", ["--pairs", "2", "--repeats", "1", "--caps", "256", "4096", "--max-length",
                                         "128"], tmp_path / "attention.json")
-    assert set(data["results"]) == {"padded", "packed, rows <= 256", "packed, rows <= 4096"}
-    assert data["results"]["padded"]["rows"] == 4 and data["results"]["packed, rows <= 4096"]["rows"] == 1
+    assert set(data["results"]) == {"padded", "packed, row_tokens 256", "packed, row_tokens 4096"}
+    assert data["results"]["padded"]["rows"] == 4 and data["results"]["packed, row_tokens 4096"]["rows"] == 1
     assert data["results"]["padded"]["vs_padded"] == 1.0
     assert all(r["seconds"]["median"] > 0 for r in data["results"].values())
 

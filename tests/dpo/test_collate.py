@@ -20,22 +20,22 @@ PAIRS = [
 
 
 def test_packed_layout_by_hand():
-    batch = PreferenceCollator(pad_token_id=0, packed=True, row_tokens=8)(PAIRS)  # room for two sequences a row
-    # Sequences: 0 = [1,2,3,4,5], 1 = [7,8,9], 2 = [1,2,3,6], 3 = [7,8,10,11,12]; longest first:
-    # 0 and 3 (5 tokens each) open rows, 2 fits beside neither (5 + 4 > 8), 1 fits beside 0.
-    # Rows end with one filler token (id 1: not the pad id) at position 0.
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 1],
-                                           [7, 8, 10, 11, 12, 1, 1, 1, 1],
-                                           [1, 2, 3, 6, 1, 1, 1, 1, 1]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0],
-                                              [0, 1, 2, 3, 4, 0, 0, 0, 0],
-                                              [0, 1, 2, 3, 0, 0, 0, 0, 0]]
-    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, -1],
-                                                [3, 3, 3, 3, 3, -1, -1, -1, -1],
-                                                [2, 2, 2, 2, -1, -1, -1, -1, -1]]
-    assert batch["answer_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 0, 1, 0],
-                                             [0, 0, 1, 1, 1, 0, 0, 0, 0],
-                                             [0, 0, 0, 1, 0, 0, 0, 0, 0]]
+    batch = PreferenceCollator(pad_token_id=0, packed=True, row_tokens=8)(PAIRS)
+    # Sequences: 0 = [1,2,3,4,5], 1 = [7,8,9], 2 = [1,2,3,6], 3 = [7,8,10,11,12]: 17 tokens make
+    # ceil(17 / 8) = 3 rows. Longest first, each into the shortest row: 0, 3 and 2 open the rows, 1
+    # joins 2 (4 tokens, the shortest). Rows end with filler (id 1: not the pad id) at position 0.
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 1, 1, 1],
+                                           [7, 8, 10, 11, 12, 1, 1, 1],
+                                           [1, 2, 3, 6, 7, 8, 9, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 0],
+                                              [0, 1, 2, 3, 4, 0, 0, 0],
+                                              [0, 1, 2, 3, 0, 1, 2, 0]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 0, -1, -1, -1],
+                                                [3, 3, 3, 3, 3, -1, -1, -1],
+                                                [2, 2, 2, 2, 1, 1, 1, -1]]
+    assert batch["answer_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 0, 0],
+                                             [0, 0, 1, 1, 1, 0, 0, 0],
+                                             [0, 0, 0, 1, 0, 0, 1, 0]]
     assert batch["answer_lengths"].tolist() == [2, 1, 1, 3]
     assert "attention_mask" not in batch
     assert batch_tokens(batch) == 17 == batch_tokens(PreferenceCollator(pad_token_id=0)(PAIRS))

@@ -34,10 +34,11 @@ from dpolab.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Tokens per packed row. Attention over a row with a dense block mask costs (row length)^2
-# however the row is split into sequences: for 8 HH pairs, one row of all 16 sequences makes
-# attention slower than padding, rows of <= 1,024 tokens faster (benchmarks/packed_attention.py).
-PACKED_ROW_TOKENS = 1024
+# Tokens per packed row (on average: rows are balanced). Attention over a row with a dense block
+# mask costs (row length)^2 however the row is split into sequences: for 8 HH pairs, one row of
+# all 16 sequences makes attention slower than padding, rows of ~500 tokens 0.4x of it
+# (benchmarks/packed_attention.py).
+PACKED_ROW_TOKENS = 512
 
 
 @dataclass
@@ -53,7 +54,7 @@ class PreferenceCollator:
     pad_token_id: int
     answer_keys: tuple[str, ...] = ("chosen_ids", "rejected_ids")
     packed: bool = False
-    row_tokens: int = PACKED_ROW_TOKENS  # packed rows' length cap (a longer sequence gets a row of its own)
+    row_tokens: int = PACKED_ROW_TOKENS  # packed rows' mean length: ceil(tokens / row_tokens) rows
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences, answer_masks = [], []
@@ -86,27 +87,23 @@ def pad(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_tok
 
 def pack(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int,
          row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, torch.Tensor]:
-    """Sequences end to end in rows of at most ``row_tokens`` tokens (or the longest sequence):
-    first fit, longest first, which fills rows well without reordering the pairs' meaning (the
-    rows only hold positions; ``sequence_index`` says whose they are).
+    """Sequences end to end in ceil(tokens / max(``row_tokens``, longest sequence)) rows of about
+    equal length: longest first, each into the shortest row so far, so the rows end nearly together
+    and little filler is needed (the rows only hold positions; ``sequence_index`` says whose they are).
 
-    Every row ends with at least one filler token, never scored:
-    rows then share one length, and the last column is never the pad id, which would make
-    transformers warn that the input looks padded without an attention mask.
+    Every row ends with at least one filler token, never scored: rows then share one length, and
+    the last column is never the pad id, which would make transformers warn that the input looks
+    padded without an attention mask.
     """
-    capacity = max(row_tokens, max(len(s) for s in sequences))
-    rows: list[list[int]] = []  # sequence numbers per row
-    room: list[int] = []
-    for number in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
-        size = len(sequences[number])
-        row = next((r for r, free in enumerate(room) if free >= size), None)
-        if row is None:
-            rows.append([])
-            room.append(capacity)
-            row = len(rows) - 1
+    lengths = [len(s) for s in sequences]
+    target = max(row_tokens, *lengths)  # no row can be shorter than the longest sequence
+    rows: list[list[int]] = [[] for _ in range(-(-sum(lengths) // target))]  # sequence numbers per row
+    used = [0] * len(rows)  # tokens per row
+    for number in sorted(range(len(sequences)), key=lambda i: -lengths[i]):
+        row = used.index(min(used))
         rows[row].append(number)
-        room[row] -= size
-    length = capacity - min(room) + 1  # the fullest row plus one filler token
+        used[row] += lengths[number]
+    length = max(used) + 1  # the fullest row plus one filler token
     filler = 0 if pad_token_id != 0 else 1  # any id: the filler's outputs are never read
     input_ids = torch.full((len(rows), length), filler, dtype=torch.long)  # (R, L)
     position_ids = torch.zeros_like(input_ids)  # (R, L)
