@@ -250,20 +250,21 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 @functools.cache
 def matmul_probe(repeats: int = 5) -> tuple[float, float]:
     """Best-of-``repeats`` seconds of one GPT-2 MLP matmul, (256 x 768) @ (768 x 3072), in fp32
-    and in bf16 (~0.3 s in all; best-of ignores a noisy neighbour's bursts)."""
+    and in bf16 (~0.3 s in all). The two alternate within each repeat, so a noisy neighbour's burst
+    slows both alike instead of all of one; best-of ignores the bursts."""
     import time
 
     a, b = torch.randn(256, 768), torch.randn(768, 3072)
-    timings = []
-    for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
+    operands = ((a, b), (a.bfloat16(), b.bfloat16()))
+    for x, y in operands:
         x @ y  # warm-up: oneDNN picks and caches its kernel
-        best = float("inf")
-        for _ in range(repeats):
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, (x, y) in enumerate(operands):
             start = time.perf_counter()
             x @ y
-            best = min(best, time.perf_counter() - start)
-        timings.append(best)
-    return timings[0], timings[1]
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
