@@ -160,9 +160,10 @@ def packs_correctly(model: torch.nn.Module) -> bool:
 
 def choose_packed(layout: str, device: str, model: torch.nn.Module) -> bool:
     """Resolve ``batch_layout`` (see :class:`dpolab.config.TrainConfig`) for ``model`` on ``device``."""
-    if layout == "padded" or (layout == "auto" and device != "cpu"):
-        if layout == "auto":
-            logger.info("batch layout: padded (auto packs on CPU only; on GPUs it is not yet measured)")
+    if layout == "padded":
+        return False
+    if layout == "auto" and device != "cpu":
+        logger.info("batch layout: padded (auto packs on CPU only; on GPUs it is not yet measured)")
         return False
     if packs_correctly(model):
         logger.info("batch layout: packed (no padding; model checked to keep packed sequences apart)")

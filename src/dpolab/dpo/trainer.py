@@ -103,7 +103,7 @@ class Prepared:
     model: PreTrainedModel
     datasets: DatasetDict
     data_report: DataReport
-    reference_info: dict[str, Any]  # reference_cache / _time_s / _key and batch_layout, for summary.json
+    reference_info: dict[str, Any]  # reference_cache / reference_time_s / reference_key, for summary.json
     device: str
     dtype: str
     packed: bool  # batch layout without padding (dpolab.dpo.collate)
@@ -135,7 +135,6 @@ def load_prepared(config: TrainConfig) -> Prepared:
     del reference
     if uses_lora(config):  # after the reference pass: it scored the base model, adapters are a no-op on it
         model = add_adapters(model, config)
-    reference_info["batch_layout"] = "packed" if packed else "padded"
     return Prepared(tokenizer, model, datasets, report, reference_info, device, dtype, packed)
 
 
@@ -167,4 +166,5 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
             dpo_config=config, system_sampler=sampler)
 
     return fit(run, config, make_trainer, tokenizer=prepared.tokenizer, datasets=prepared.datasets,
-               resume=resume, summary_extra=prepared.reference_info, callbacks=callbacks)
+               resume=resume, callbacks=callbacks,
+               summary_extra={**prepared.reference_info, "batch_layout": "packed" if prepared.packed else "padded"})
