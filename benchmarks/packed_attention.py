@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpolab.config import TrainConfig
     from dpolab.data import prepare_data
-    from dpolab.dpo.collate import PACKED_ROW_TOKENS, PreferenceCollator
     from dpolab.model import load_tokenizer
+    from dpolab.scoring.collate import PACKED_ROW_TOKENS, PreferenceCollator
 
     config = TrainConfig(model="tiny-gpt2", max_length=args.max_length, max_prompt_length=args.max_length // 2,
                          max_eval_pairs=1, cache_dir=tempfile.mkdtemp(prefix="dpolab-bench-"))

@@ -17,10 +17,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed
-from dpolab.dpo.logps import concatenated_forward
-from dpolab.dpo.loss import preference_loss
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
+from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.scoring.logps import concatenated_forward
+from dpolab.scoring.loss import preference_loss
 
 logger = logging.getLogger("profile_step")
 
@@ -52,7 +52,7 @@ def main() -> None:
         use_fused_gelu(model)  # as the dpolab engine does
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)  # Trainer's default on torch >= 2.8
     if args.dtype == "bf16":
-        from dpolab.dpo.precision import MasterWeightAdamW
+        from dpolab.precision import MasterWeightAdamW
 
         model.to(torch.bfloat16)
         optimizer = MasterWeightAdamW(model.parameters(), lr=5e-5, fused=True)

@@ -187,10 +187,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.variant.startswith("dpolab"):
         from transformers import TrainingArguments
 
-        from dpolab.dpo.collate import PreferenceCollator, choose_packed
-        from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
-        from dpolab.dpo.reference import score_pairs
         from dpolab.dpo.trainer import DpolabTrainer
+        from dpolab.precision import master_weight_optimizer, uses_bf16_weights
+        from dpolab.scoring.collate import PreferenceCollator, choose_packed
+        from dpolab.scoring.pairs import score_pairs
 
         if args.variant != "dpolab_python_gelu":
             use_fused_gelu(model)  # as dpolab.dpo.trainer.load_prepared does

@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM
 from dpolab.cli import main
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator
-from dpolab.dpo.logps import concatenated_forward
 from dpolab.dpo.trainer import train
 from dpolab.errors import ConfigError
 from dpolab.lora import adapter_base, add_adapters, load_adapter_model, target_modules
 from dpolab.model import build_builtin, load_tokenizer
+from dpolab.scoring.collate import PreferenceCollator
+from dpolab.scoring.logps import concatenated_forward
 from tests.conftest import tiny_config
 
 

@@ -267,7 +267,7 @@ def did_you_mean(name: str, known: list[str]) -> str:
 def _check_type(key: str, value: Any, hint: Any, source: str) -> Any:
     """``value`` if YAML typed it as field ``key`` declares (an int is a float; a bool is no number),
     else a one-line :class:`ConfigError`. Command-line values are converted by argparse instead
-    (:func:`dpolab.dpo.cli` builds the parser from these fields)."""
+    (:func:`dpolab.train_options.config_options` builds the parser from these fields)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dpolab.data import Formatter, hh_to_messages, prepare_data, read_jsonl, sample_path, to_pair
-from dpolab.dpo.collate import PreferenceCollator
 from dpolab.errors import DataError
 from dpolab.model import build_builtin, load_tokenizer
+from dpolab.scoring.collate import PreferenceCollator
 from tests.conftest import tiny_config
 
 N_PAIRS = 32
@@ -64,7 +64,7 @@ def ids_of(config, tokenizer):
 def test_every_format_and_file_type_gives_the_same_ids_and_logps(tmp_path, tokenizer):
     from datasets import Dataset
 
-    from dpolab.dpo.reference import score_pairs
+    from dpolab.scoring.pairs import score_pairs
 
     pairs = real_pairs()
     files = {fmt: write_jsonl(tmp_path / f"{fmt}.jsonl", [as_format(p, fmt) for p in pairs])

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed, packs_correctly
-from dpolab.dpo.logps import answer_lengths, concatenated_forward
 from dpolab.errors import ConfigError
 from dpolab.model import build_builtin, disable_dropout, load_tokenizer
+from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed, packs_correctly
+from dpolab.scoring.logps import answer_lengths, concatenated_forward
 from tests.chat_model import build_chat_model
 from tests.conftest import tiny_config
 

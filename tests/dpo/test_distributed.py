@@ -76,9 +76,9 @@ import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator
-from dpolab.dpo.logps import concatenated_forward, output_weight
-from dpolab.dpo.loss import preference_loss
+from dpolab.scoring.collate import PreferenceCollator
+from dpolab.scoring.logps import concatenated_forward, output_weight
+from dpolab.scoring.loss import preference_loss
 from dpolab.model import disable_dropout, load_model, load_tokenizer
 
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,7 +144,7 @@ os._exit(0)
 def test_fsdp_two_processes_match_one_process(tmp_path):
     """The answer-only head under FSDP2 sharding (gloo, CPU): 2 ranks x 2 pairs == 1 process x 4 pairs.
 
-    The head reads the LM-head weight after the model's forward (dpo/logps.py), the pattern that
+    The head reads the LM-head weight after the model's forward (scoring/logps.py), the pattern that
     breaks under sharding. Two layouts: the head tied into the root unit (GPT-2 under accelerate's
     transformer-layer wrapping) and the head as its own unit (sharded after its forward: gathered
     by ``gathered_output_weight``). SGD, so a gradient that was not averaged over ranks would change

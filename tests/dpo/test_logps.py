@@ -2,9 +2,9 @@
 
 import torch
 
-from dpolab.dpo.collate import PreferenceCollator
-from dpolab.dpo.logps import answer_token_logps, concatenated_forward
 from dpolab.model import build_builtin, disable_dropout
+from dpolab.scoring.collate import PreferenceCollator
+from dpolab.scoring.logps import answer_token_logps, concatenated_forward
 
 
 def full_logits_logps(model, batch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpolab.dpo.loss import preference_loss, preference_metrics
+from dpolab.scoring.loss import preference_loss, preference_metrics
 
 # policy log-probs: chosen -1, rejected -3; reference: both -2; beta 0.5
 # log-ratios: chosen +1, rejected -1, so h = 2 and beta * h = 1.
@@ -73,7 +73,7 @@ def test_gradient_pushes_chosen_up_and_rejected_down():
 
 
 def test_chosen_nll_is_the_token_mean_not_the_pair_mean():
-    from dpolab.dpo.loss import chosen_nll
+    from dpolab.scoring.loss import chosen_nll
 
     # Pair 1: 2 tokens summing to -4; pair 2: 6 tokens summing to -3. Token mean: 7/8, not (2 + 0.5)/2.
     nll = chosen_nll(torch.tensor([-4.0, -3.0]), torch.tensor([2.0, 6.0]))

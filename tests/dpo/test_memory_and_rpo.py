@@ -10,11 +10,11 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator
-from dpolab.dpo.logps import concatenated_forward
-from dpolab.dpo.loss import preference_loss
 from dpolab.dpo.trainer import train
 from dpolab.model import build_builtin, disable_dropout, load_tokenizer
+from dpolab.scoring.collate import PreferenceCollator
+from dpolab.scoring.logps import concatenated_forward
+from dpolab.scoring.loss import preference_loss
 from tests.conftest import tiny_config
 
 

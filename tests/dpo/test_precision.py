@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dpolab.dpo.precision import MasterWeightAdamW, uses_bf16_weights
 from dpolab.model import choose_cpu_dtype, matmul_probe
+from dpolab.precision import MasterWeightAdamW, uses_bf16_weights
 from tests.dpo.golden import GOLDEN_PATH, golden_losses
 
 # bf16 keeps 8 mantissa bits: the forward pass differs from fp32 by ~0.4% per activation. Over the

@@ -16,11 +16,11 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator
-from dpolab.dpo.logps import answer_lengths, concatenated_forward
-from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
-from dpolab.dpo.reference import score_pairs
 from dpolab.model import build_builtin, disable_dropout, load_tokenizer, use_fused_gelu
+from dpolab.scoring.collate import PreferenceCollator
+from dpolab.scoring.logps import answer_lengths, concatenated_forward
+from dpolab.scoring.loss import chosen_nll, preference_loss, preference_metrics
+from dpolab.scoring.pairs import score_pairs
 
 trl = pytest.importorskip("trl")
 

@@ -13,9 +13,9 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator
 from dpolab.model import build_builtin, disable_dropout, load_model, load_tokenizer, weights_fingerprint
 from dpolab.runs import RunFolder
+from dpolab.scoring.collate import PreferenceCollator
 from dpolab.sft.trainer import SFT_ANSWER, SFTTrainer, train_sft
 from tests.conftest import tiny_config
 

@@ -23,18 +23,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from dpolab.config import TrainConfig
 from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
-from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed
-from dpolab.dpo.logps import answer_lengths, concatenated_forward
-from dpolab.dpo.loss import chosen_nll, preference_loss, preference_metrics
-from dpolab.dpo.precision import master_weight_optimizer, uses_bf16_weights
 from dpolab.dpo.reference import add_reference_logps, load_reference
-from dpolab.dpo.samples import sample_callbacks
 from dpolab.dpo.trl_engine import train_trl
 from dpolab.errors import ConfigError
 from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
 from dpolab.lora import add_adapters, quantization_config, uses_lora
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
+from dpolab.precision import master_weight_optimizer, uses_bf16_weights
 from dpolab.runs import RunFolder
+from dpolab.samples import sample_callbacks
+from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.scoring.logps import answer_lengths, concatenated_forward
+from dpolab.scoring.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.tracking import SystemSampler
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Prepared:
     reference_info: dict[str, Any]  # reference_cache / reference_time_s / reference_key, for summary.json
     device: str
     dtype: str
-    packed: bool  # batch layout without padding (dpolab.dpo.collate)
+    packed: bool  # batch layout without padding (dpolab.scoring.collate)
 
 
 def load_prepared(config: TrainConfig) -> Prepared:

@@ -25,11 +25,11 @@ from typing import Any
 
 from dpolab.config import TrainConfig
 from dpolab.data import bind_template, prepare_data
-from dpolab.dpo.samples import sample_callbacks
 from dpolab.errors import ConfigError
 from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_argument_kwargs
 from dpolab.model import disable_dropout, load_model, load_tokenizer
 from dpolab.runs import RunFolder
+from dpolab.samples import sample_callbacks
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator, choose_packed
-from dpolab.dpo.loss import preference_loss, preference_metrics
-from dpolab.dpo.reference import score_pairs
+from dpolab.scoring.collate import PreferenceCollator, choose_packed
+from dpolab.scoring.loss import preference_loss, preference_metrics
+from dpolab.scoring.pairs import score_pairs
 
 logger = logging.getLogger(__name__)
 

@@ -232,7 +232,7 @@ class AdapterView:
     shared by both views while it sets the adapter state, so concurrent requests never see the other's."""
 
     def __init__(self, peft_model: Any, enabled: bool, lock: Any) -> None:
-        self.module = peft_model  # ``module``: what dpolab.dpo.logps unwraps to find the LM head
+        self.module = peft_model  # ``module``: what dpolab.scoring.logps unwraps to find the LM head
         self.enabled = enabled
         self.lock = lock
 
@@ -275,7 +275,7 @@ def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[
     """Summed log pi(answer | prompt) for each answer, one padded batch (answer-only, as in training)."""
     import torch
 
-    from dpolab.dpo.logps import sequence_logps
+    from dpolab.scoring.logps import sequence_logps
 
     pad = loaded.tokenizer.pad_token_id or 0
     # An answer that fills the context (prompt + max new tokens = context) is one position too long

@@ -13,8 +13,8 @@ import json
 import logging
 import math
 
-from dpolab.dpo.cli import add_run_arguments, config_options, overrides_from
 from dpolab.paths import resolve_config_paths, user_path
+from dpolab.train_options import add_run_arguments, config_options, overrides_from
 
 logger = logging.getLogger(__name__)
 

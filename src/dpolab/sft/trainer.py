@@ -20,14 +20,14 @@ from transformers import Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.dpo.collate import PreferenceCollator, batch_tokens, choose_packed
-from dpolab.dpo.logps import batch_logps
-from dpolab.dpo.loss import chosen_nll
-from dpolab.dpo.samples import sample_callbacks
 from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
 from dpolab.lora import add_adapters, quantization_config, uses_lora
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
 from dpolab.runs import RunFolder
+from dpolab.samples import sample_callbacks
+from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.scoring.logps import batch_logps
+from dpolab.scoring.loss import chosen_nll
 from dpolab.tracking import SystemSampler
 
 logger = logging.getLogger(__name__)

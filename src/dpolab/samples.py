@@ -28,11 +28,11 @@ from transformers import TrainerCallback
 
 from dpolab.config import TrainConfig
 from dpolab.data import default_cache_dir
-from dpolab.dpo.logps import sequence_logps
 from dpolab.generate import sample_answer
 from dpolab.lora import uses_lora
 from dpolab.model import disable_dropout, load_model, use_fused_gelu
 from dpolab.runs import RunFolder
+from dpolab.scoring.logps import sequence_logps
 
 logger = logging.getLogger(__name__)
 

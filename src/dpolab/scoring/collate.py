@@ -10,7 +10,7 @@ the padded layout's up to float rounding (a sequence's offset in its row changes
 groups its sums: ~1e-7 relative; tests/dpo/test_collate.py). That this holds for a given model is
 checked, not assumed: :func:`packs_correctly`.
 
-Both layouts carry the same keys, so :func:`dpolab.dpo.logps.batch_logps` reads either:
+Both layouts carry the same keys, so :func:`dpolab.scoring.logps.batch_logps` reads either:
 
 * ``input_ids`` (R, L), ``answer_mask`` (R, L): 1 at the answer tokens we score;
 * ``sequence_index`` (R, L): which of the S sequences each position holds, -1 at padding;
@@ -18,7 +18,7 @@ Both layouts carry the same keys, so :func:`dpolab.dpo.logps.batch_logps` reads 
 * padded (R = S): ``attention_mask`` (S, T); packed: ``position_ids`` (R, L) and no mask.
 
 Sequences 0..B-1 are the chosen answers, B..2B-1 the rejected ones (one forward pass for both,
-see :func:`dpolab.dpo.logps.concatenated_forward`).
+see :func:`dpolab.scoring.logps.concatenated_forward`).
 """
 
 from __future__ import annotations

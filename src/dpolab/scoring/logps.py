@@ -89,7 +89,7 @@ def answer_token_logps(
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128) -> torch.Tensor:
     """Summed log-prob of the answer tokens of each sequence in a collated batch, padded or packed
-    (the layouts are described in :mod:`dpolab.dpo.collate`).
+    (the layouts are described in :mod:`dpolab.scoring.collate`).
 
     Args:
         model: a causal LM (possibly wrapped by DDP: we call its own forward so gradient
