@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,11 @@ import dpolab
 from dpolab.config import TrainConfig, save_config
 from dpolab.errors import ConfigError
 from dpolab.lora import save_final_model
-from dpolab.model import check_source, prepare_device, resolve_dtype
+from dpolab.model import check_source
+from dpolab.precision import master_weight_optimizer
 from dpolab.runs import RunFolder, SweepFolder, resolve_run
+from dpolab.scoring.logps import batch_logps
+from dpolab.stage_setup import StageSetup
 from dpolab.tracking import SystemSampler, tracker_session
 
 logger = logging.getLogger(__name__)
@@ -55,6 +59,14 @@ class StageTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.pairs_seen = 0
         self.tokens_seen = 0
+
+    def answer_logps(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+        """(S,) summed answer log-probs of a collated batch (:func:`dpolab.scoring.logps.batch_logps`).
+
+        accelerate autocasts only the model's own forward and hands back fp32 outputs: without this
+        context the answer-only head (applied after the forward) would run in fp32 under GPU bf16."""
+        with self.accelerator.autocast():
+            return batch_logps(model, inputs, chunk_size)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -113,9 +125,10 @@ class StopIfFinished(TrainerCallback):
 class RunRecorder(TrainerCallback):
     """Appends every train log and evaluation to the run folder's ``metrics.jsonl``."""
 
-    def __init__(self, run: RunFolder) -> None:
+    def __init__(self, run: RunFolder, elapsed_before: float = 0.0) -> None:
         self.run = run
-        self.start = time.monotonic()
+        # A resumed run's rows go on from the time its checkpoint was reached.
+        self.start = time.monotonic() - elapsed_before
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "train_runtime" in logs:
@@ -131,12 +144,24 @@ class RunRecorder(TrainerCallback):
         self.run.append_metrics(row)
 
 
-def resolve_hardware(config: TrainConfig) -> tuple[str, str]:
-    """Apply ``num_threads``, set the process up for its device, return the (device, dtype) names the run uses."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    device = prepare_device(config.device)
-    return device, resolve_dtype(config.dtype, device)
+def stage_training_arguments(config: TrainConfig, run: RunFolder, setup: StageSetup) -> TrainingArguments:
+    """:func:`training_arguments` for a stage's resolved settings. CPU bf16 trains bf16 weights, which
+    need no autocast on top (it would only convert the outputs back to fp32)."""
+    settings = setup.settings
+    return training_arguments(config, run, settings.device, "fp32" if setup.bf16_weights else settings.dtype)
+
+
+def stage_optimizer(trainer_class: type, args: TrainingArguments, setup: StageSetup) -> tuple[type, dict] | None:
+    """``Trainer(optimizer_cls_and_kwargs=...)``: AdamW on fp32 master weights for bf16 weights, else
+    None (Trainer's own optimizer)."""
+    return master_weight_optimizer(trainer_class, args, setup.model) if setup.bf16_weights else None
+
+
+def record_setup(run: RunFolder, setup: StageSetup) -> None:
+    """Write the stage's resolved settings into ``run.json`` (rank 0) and its data report."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        run.update_info(resolved=setup.settings.to_dict())
+        run.write_data_report(setup.data_report.to_dict())
 
 
 def training_arguments(config: TrainConfig, run: RunFolder, device: str, dtype: str) -> TrainingArguments:
@@ -183,10 +208,31 @@ def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, d
     )
 
 
-def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engine: str) -> RunFolder:
+# Settings a resumed run may change: how it is logged, checkpointed and evaluated, not what it
+# trains. Any other difference from the run's config.yaml is refused.
+RESUME_MAY_CHANGE = frozenset({
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "run_name", "num_threads",
+    "dataset_num_proc", "cache_dir", "per_device_eval_batch_size", "sample_prompts", "sample_max_new_tokens",
+    "logps_chunk_size"})
+
+
+@dataclass
+class RunStart:
+    """:func:`prepare_run`'s answer: the run folder; ``recorded``, the resolved settings of the run
+    being resumed (None for a new run); ``finished``, a resume of a run that already finished (the
+    stage returns it untouched)."""
+
+    run: RunFolder
+    recorded: dict[str, Any] | None = None
+    finished: bool = False
+
+
+def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engine: str) -> RunStart:
     """Create the run folder (or check it can be resumed) and write run.json + config.yaml.
 
-    ``engine`` is what trains it (``config.engine`` for DPO), recorded in run.json.
+    ``engine`` is what trains it (``config.engine`` for DPO), recorded in run.json. A resume must
+    train what the run trained: settings outside :data:`RESUME_MAY_CHANGE` that differ from the
+    run's config are refused in one line; allowed changes are recorded in run.json's ``resumes``.
     """
     for model in (config.model, config.ref_model):  # a model that cannot load fails before any folder is made
         if model:
@@ -197,12 +243,35 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
             raise ConfigError(f"{output_dir}: a finished run is already there; choose another --output-dir")
         if last_complete_checkpoint(RunFolder(output_dir)):
             raise ConfigError(f"{output_dir}: an unfinished run with checkpoints is there; add --resume to continue it")
+    if resume and RunFolder.is_run(output_dir):
+        return resume_run(RunFolder.open(output_dir), config)
     run = RunFolder.create(output_dir, {
         "engine": engine, "stage": config.stage, "base_model": config.model, "dataset": config.dataset,
         "data_dir": config.data_dir, "reference_model": config.ref_model or config.model,
         **previous_stage(config.model), "dpolab_version": dpolab.__version__})
     save_config(config, run.config_path)
-    return run
+    return RunStart(run)
+
+
+def resume_run(run: RunFolder, config: TrainConfig) -> RunStart:
+    """Check ``config`` against the run's own and return how to continue it (see :func:`prepare_run`)."""
+    trained = run.config()
+    new = config.to_dict()
+    changed = {key: [trained.get(key), value] for key, value in new.items() if trained.get(key) != value}
+    for key, (old, value) in changed.items():
+        if key not in RESUME_MAY_CHANGE:
+            raise ConfigError(f"--resume: {key} is {value!r} here but {run.path} was trained with {old!r}; "
+                              f"a resume continues the same training (use a new --output-dir to change {key})")
+    info = run.info()
+    if run.is_finished():
+        logger.info("%s already finished: nothing to resume, its records are left as they are", run.path)
+        return RunStart(run, info.get("resolved"), finished=True)
+    if changed:
+        checkpoint = last_complete_checkpoint(run)
+        step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+        run.update_info(resumes=[*info.get("resumes", []), {"from_step": step, "changed": changed}])
+        save_config(config, run.config_path)
+    return RunStart(run, info.get("resolved"))
 
 
 def previous_stage(model: str) -> dict[str, Any]:
@@ -252,15 +321,17 @@ def fit(run: RunFolder, config: TrainConfig, make_trainer: MakeTrainer, *, token
     ``callbacks`` are extra ``TrainerCallback``s (the sweep's pruning callback).
     """
     last_checkpoint = last_complete_checkpoint(run) if resume else None
+    elapsed_before = 0.0  # training time the run had spent up to its checkpoint
     if last_checkpoint:
         step = int(Path(last_checkpoint).name.split("-")[-1])
         logger.info("resuming from %s (step %d)", last_checkpoint, step)
         drop_metrics_after(run, step)
+        elapsed_before = max((row["time_s"] for row in run.metrics()), default=0.0)
     else:
         run.rewrite_metrics([])
 
     with tracker_session(config.report_to, run.path), SystemSampler(run) as sampler:
-        trainer = make_trainer([StopIfFinished(), RunRecorder(run), LogAtCheckpoints(), EvaluateAtEnd(),
+        trainer = make_trainer([StopIfFinished(), RunRecorder(run, elapsed_before), LogAtCheckpoints(), EvaluateAtEnd(),
                                 *(callbacks or [])], sampler)
         start = time.perf_counter()
         try:
@@ -278,15 +349,18 @@ def fit(run: RunFolder, config: TrainConfig, make_trainer: MakeTrainer, *, token
     save_final_model(trainer, run, config.model)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run.model_dir))
-        write_summary(run, trainer, eval_rows[-1], wall_time, datasets, summary_extra or {})
+        write_summary(run, trainer, eval_rows[-1], wall_time, elapsed_before, datasets, summary_extra or {})
     trainer.accelerator.wait_for_everyone()
     logger.info("run finished: %s", run.path)
     return run
 
 
 def write_summary(run: RunFolder, trainer: Trainer, final_eval: dict[str, Any], wall_time: float,
-                  datasets: Any, extra: dict[str, Any]) -> None:
-    # pairs_seen / tokens_seen: counted by the stage's Trainer in this process (this session only).
+                  elapsed_before: float, datasets: Any, extra: dict[str, Any]) -> None:
+    """``summary.json``. ``wall_time``: this session's; ``elapsed_before``: the training time up to
+    the checkpoint it resumed from (0 for an uninterrupted run), so ``wall_time_s`` is the run's.
+    Throughput is this session's: pairs_seen / tokens_seen are counted by the stage's Trainer in
+    this process."""
     pairs = getattr(trainer, "pairs_seen", 0) * trainer.args.world_size
     tokens = getattr(trainer, "tokens_seen", 0) * trainer.args.world_size
     eval_metrics = {k: v for k, v in final_eval.items() if k not in ("split", "time_s")}
@@ -294,7 +368,7 @@ def write_summary(run: RunFolder, trainer: Trainer, final_eval: dict[str, Any], 
         "train": {"loss": train_loss(run.metrics("train")), "steps": trainer.state.global_step,
                   "epochs": round(trainer.state.epoch or 0.0, 4)},
         "eval": eval_metrics,
-        "wall_time_s": round(wall_time, 3),
+        "wall_time_s": round(elapsed_before + wall_time, 3),
         **extra,
         "train_pairs": len(datasets["train"]),
         "eval_pairs": len(datasets["eval"]),

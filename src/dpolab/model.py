@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -212,31 +213,6 @@ def prepare_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' -> bf16 on a GPU that supports it, and on a CPU with bf16 matmul instructions (AMX or
-    AVX-512 BF16) where a short probe finds bf16 matmuls faster than fp32; else fp32."""
-    if dtype != "auto":
-        return dtype
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    if device == "cpu" and cpu_bf16_flags():
-        fp32_s, bf16_s = matmul_probe()
-        chosen = choose_cpu_dtype(cpu_bf16_flags(), fp32_s, bf16_s)
-        logger.info("dtype auto: CPU has %s; GPT-2-sized matmul %.1f ms fp32, %.1f ms bf16 -> %s",
-                    "/".join(cpu_bf16_flags()), fp32_s * 1e3, bf16_s * 1e3, chosen)
-        return chosen
-    return "fp32"
-
-
-# bf16 must beat fp32 by this much: the probe is one matmul shape, the rest of a step gains less.
-BF16_MIN_SPEEDUP = 1.15
-
-
-def choose_cpu_dtype(bf16_flags: tuple[str, ...], fp32_s: float, bf16_s: float) -> str:
-    """bf16 on a CPU with bf16 matmul instructions whose probe shows bf16 clearly faster; else fp32."""
-    return "bf16" if bf16_flags and fp32_s >= BF16_MIN_SPEEDUP * bf16_s else "fp32"
-
-
 @functools.cache
 def cpu_bf16_flags() -> tuple[str, ...]:
     """The CPU's bf16 matmul instruction sets from /proc/cpuinfo (``amx_bf16``, ``avx512_bf16``)."""
@@ -248,23 +224,15 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 
 
 @functools.cache
-def matmul_probe(repeats: int = 5) -> tuple[float, float]:
-    """Best-of-``repeats`` seconds of one GPT-2 MLP matmul, (256 x 768) @ (768 x 3072), in fp32
-    and in bf16 (~0.3 s in all). The two alternate within each repeat, so a noisy neighbour's burst
-    slows both alike instead of all of one; best-of ignores the bursts."""
-    import time
-
-    a, b = torch.randn(256, 768), torch.randn(768, 3072)
-    operands = ((a, b), (a.bfloat16(), b.bfloat16()))
-    for x, y in operands:
-        x @ y  # warm-up: oneDNN picks and caches its kernel
-    best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for i, (x, y) in enumerate(operands):
-            start = time.perf_counter()
-            x @ y
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1]
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -28,11 +28,14 @@ from transformers import TrainerCallback
 
 from dpolab.config import TrainConfig
 from dpolab.data import default_cache_dir
+from dpolab.data.templates import Formatter
+from dpolab.data.tokenize import answer_ids
 from dpolab.generate import sample_answer
 from dpolab.lora import uses_lora
 from dpolab.model import disable_dropout, load_model, use_fused_gelu
 from dpolab.runs import RunFolder
-from dpolab.scoring.logps import sequence_logps
+from dpolab.scoring.pairs import prompt_answer_logps
+from dpolab.stage_setup import StageSetup
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class SampleRecorder(TrainerCallback):
     Args:
         run: the run folder (``samples.jsonl`` lives there).
         tokenizer: the policy's tokenizer.
+        formatter: how the run renders conversations (answers are tokenized as training did).
         prompts: the N held-out prompts, as token ids.
         reference_name: what ``load_model`` loads as the frozen reference; None: the policy is a
             LoRA model whose base (adapter disabled) is the reference.
@@ -55,11 +59,12 @@ class SampleRecorder(TrainerCallback):
         report_to: the active trackers.
     """
 
-    def __init__(self, run: RunFolder, tokenizer, prompts: list[list[int]], reference_name: str | None,
+    def __init__(self, run: RunFolder, tokenizer, formatter: Formatter, prompts: list[list[int]], reference_name: str | None,
                  beta: float | None, seed: int, max_new_tokens: int, cache_key: str | None, cache_dir: Path,
                  report_to: list[str]) -> None:
         self.run = run
         self.tokenizer = tokenizer
+        self.formatter = formatter
         self.prompts = prompts
         self.reference_name = reference_name
         self.beta = beta
@@ -102,7 +107,9 @@ class SampleRecorder(TrainerCallback):
             self._reference = load_model(self.reference_name)
             disable_dropout(self._reference)
             use_fused_gelu(self._reference)
-            self._reference.to(next(model.parameters()).device).eval()
+            # Same device and precision as the policy: the reference pass scored with the run's dtype.
+            policy_param = next(model.parameters())
+            self._reference.to(device=policy_param.device, dtype=policy_param.dtype).eval()
         return self._reference, nullcontext()
 
     def reference_answers(self, model: torch.nn.Module) -> list[str]:
@@ -124,21 +131,19 @@ class SampleRecorder(TrainerCallback):
         self._reference_answers = answers
         return answers
 
-    @torch.no_grad()
     def reward(self, model: torch.nn.Module, prompt_ids: list[int], answer: str) -> float | None:
-        """beta * (log pi - log pi_ref) of ``answer`` (tokenized as the text it is, EOS-free)."""
-        answer_ids = self.tokenizer.encode(" " + answer) if answer else []
-        if self.beta is None or not answer_ids:
+        """beta * (log pi - log pi_ref) of ``answer``, tokenized exactly as training scores an
+        answer (:func:`answer_ids`: HH text + EOS, or the chat template's assistant turn), so the
+        reward is the one the loss, ``dpolab evaluate`` and the web app compute for the same text."""
+        if self.beta is None or not answer:
             return None
-        device = next(model.parameters()).device
-        input_ids = torch.tensor([prompt_ids + answer_ids], device=device)  # (1, T)
-        answer_mask = torch.tensor([[0] * len(prompt_ids) + [1] * len(answer_ids)], device=device)  # (1, T)
-        ones = torch.ones_like(input_ids)
-        policy_logp = sequence_logps(model, input_ids, ones, answer_mask)  # (1,)
+        ids = [answer_ids(self.tokenizer, self.formatter, answer)]
+        pad = self.tokenizer.pad_token_id
+        policy_logp = prompt_answer_logps(model, prompt_ids, ids, pad)[0]
         reference, context = self.reference_model(model)
         with context:
-            reference_logp = sequence_logps(reference, input_ids, ones, answer_mask)  # (1,)
-        return round(self.beta * float(policy_logp - reference_logp), 6)
+            reference_logp = prompt_answer_logps(reference, prompt_ids, ids, pad)[0]
+        return round(self.beta * (policy_logp - reference_logp), 6)
 
     def _cache_path(self) -> Path | None:
         if self.cache_key is None:
@@ -175,14 +180,19 @@ def markdown_table(data: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def sample_callbacks(config: TrainConfig, run: RunFolder, tokenizer, eval_dataset,
+def sample_callbacks(config: TrainConfig, run: RunFolder, setup: StageSetup,
                      reference_key: str | None, beta: float | None) -> list[TrainerCallback]:
     """``[SampleRecorder]`` for the first ``config.sample_prompts`` held-out prompts (the eval split's
-    order is fixed by the seeded split), or ``[]`` when samples are off."""
+    order is fixed by the seeded split), or ``[]`` when samples are off. The reference is the one the
+    stage resolved (``setup.settings.reference``; SFT: its starting model)."""
     if not config.sample_prompts:
         return []
+    eval_dataset = setup.datasets["eval"]
     n = min(config.sample_prompts, len(eval_dataset))
     prompts = [list(ids) for ids in eval_dataset.select(range(n))["prompt_ids"]]
-    reference_name = config.ref_model or (None if uses_lora(config) else config.model)
-    return [SampleRecorder(run, tokenizer, prompts, reference_name, beta, config.seed, config.sample_max_new_tokens,
-                           reference_key, Path(config.cache_dir or default_cache_dir()), config.report_to)]
+    reference_name = setup.settings.reference.get("model") or setup.settings.model
+    if uses_lora(config) and not config.ref_model:
+        reference_name = None  # the LoRA policy with its adapter off is the reference
+    return [SampleRecorder(run, setup.tokenizer, setup.formatter, prompts, reference_name, beta, config.seed,
+                           config.sample_max_new_tokens, reference_key, Path(config.cache_dir or default_cache_dir()),
+                           config.report_to)]

@@ -5,6 +5,8 @@ model as the DPO reference (the reference cache key is the SFT weights' fingerpr
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
+from types import SimpleNamespace
 import subprocess
 import sys
 
@@ -60,6 +62,7 @@ def test_prompt_tokens_give_no_gradient(tmp_path):
     disable_dropout(model)
     engine = SFTTrainer.__new__(SFTTrainer)  # compute_loss only: no Trainer machinery needed
     engine.sft_config, engine.pairs_seen, engine.tokens_seen = config, 0, 0
+    engine.accelerator = SimpleNamespace(autocast=nullcontext)  # fp32: the head's autocast is a no-op
 
     def loss_and_hidden_grad(answer_mask):
         hidden = {}

@@ -11,7 +11,6 @@ reference log-probs, answer-only log-probs, and metrics under TRL's names.
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +18,28 @@ from typing import Any
 
 import torch
 from datasets import DatasetDict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
-from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
+from dpolab.data import default_cache_dir
 from dpolab.dpo.reference import add_reference_logps, load_reference
 from dpolab.dpo.trl_engine import train_trl
 from dpolab.errors import ConfigError
-from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
-from dpolab.lora import add_adapters, quantization_config, uses_lora
-from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
-from dpolab.precision import master_weight_optimizer, uses_bf16_weights
+from dpolab.lifecycle import (
+    StageTrainer,
+    fit,
+    prepare_run,
+    record_setup,
+    stage_optimizer,
+    stage_training_arguments,
+)
+from dpolab.lora import add_adapters, uses_lora
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
 from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
-from dpolab.scoring.logps import answer_lengths, concatenated_forward
+from dpolab.scoring.logps import answer_lengths
 from dpolab.scoring.loss import chosen_nll, preference_loss, preference_metrics
+from dpolab.stage_setup import StageSetup, setup_stage
 from dpolab.tracking import SystemSampler
 
 logger = logging.getLogger(__name__)
@@ -52,11 +57,8 @@ class DpolabTrainer(StageTrainer):
                                                                      "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # accelerate autocasts only the model's own forward and hands back fp32 outputs: without
-        # this context the answer-only head (applied after the forward) would run in fp32.
-        with self.accelerator.autocast():
-            policy_chosen_logps, policy_rejected_logps = concatenated_forward(
-                model, inputs, self.dpo_config.logps_chunk_size)  # (B,), (B,)
+        policy_chosen_logps, policy_rejected_logps = self.answer_logps(
+            model, inputs, self.dpo_config.logps_chunk_size).chunk(2)  # (B,), (B,): chosen stacked on rejected
         lengths = answer_lengths(inputs)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps,
@@ -96,46 +98,44 @@ class DpolabTrainer(StageTrainer):
 
 @dataclass
 class Prepared:
-    """What a DPO run starts from: the policy (dropout off, on its device), its tokenizer, the
-    tokenized pairs with their cached reference log-probs, and how they were obtained."""
+    """What a DPO run starts from: the shared stage setup (policy, tokenizer, data, resolved
+    settings) with the cached reference log-probs added to the data."""
 
-    tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel
-    datasets: DatasetDict
-    data_report: DataReport
+    setup: StageSetup
     reference_info: dict[str, Any]  # reference_cache / reference_time_s / reference_key, for summary.json
-    device: str
-    dtype: str
-    packed: bool  # batch layout without padding (dpolab.scoring.collate)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.setup.model
+
+    @property
+    def datasets(self) -> DatasetDict:
+        return self.setup.datasets
 
 
-def load_prepared(config: TrainConfig) -> Prepared:
-    """Tokenizer, model (dropout off), prepared data with reference log-probs, and bookkeeping."""
-    device, dtype = resolve_hardware(config)
-    tokenizer = load_tokenizer(config.model)
-    bind_template(tokenizer, config.chat_template)  # saved with the model: serve renders chats the same way
-    model = load_model(config.model, quantization_config=quantization_config(config, device))
-    disable_dropout(model)
-    use_fused_gelu(model)
-    if uses_bf16_weights(device, dtype):
-        model.to(torch.bfloat16)  # the reference pass scores with the same bf16 weights the policy starts from
-    datasets, report, data_key = prepare_data(config, tokenizer)
-    # Under torchrun / accelerate launch each process scores the reference on its own GPU.
-    target = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device
-    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed by from_pretrained
-        model.to(target)
+def load_prepared(config: TrainConfig, recorded: dict[str, Any] | None = None) -> Prepared:
+    """The stage setup plus reference log-probs (scored once, cached); adapters added last.
+
+    ``recorded``: the resolved settings of a run being resumed (see :func:`setup_stage`)."""
+    setup = setup_stage(config, recorded)
+    model, settings = setup.model, setup.settings
+    target = next(model.parameters()).device
     # A separate reference (ref_model) lives only for its one pass.
     reference = load_reference(config.ref_model, model, target) if config.ref_model else model
-    packed = choose_packed(config.batch_layout, device, model)
-    reference_packed = packed if reference is model else choose_packed(config.batch_layout, device, reference)
+    reference_packed = setup.packed if reference is model else choose_packed(
+        "packed" if setup.packed else "padded", settings.device, reference)
     datasets, reference_info = add_reference_logps(
-        reference, datasets, data_key, Path(config.cache_dir or default_cache_dir()),
-        PreferenceCollator(tokenizer.pad_token_id, packed=reference_packed),
+        reference, setup.datasets, settings.data_key, Path(config.cache_dir or default_cache_dir()),
+        PreferenceCollator(setup.tokenizer.pad_token_id, packed=reference_packed),
         batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size)
     del reference
+    setup.datasets = datasets
+    settings.reference = {"model": config.ref_model or config.model,
+                          "role": "ref_model" if config.ref_model else "starting model",
+                          "key": reference_info["reference_key"]}
     if uses_lora(config):  # after the reference pass: it scored the base model, adapters are a no-op on it
-        model = add_adapters(model, config)
-    return Prepared(tokenizer, model, datasets, report, reference_info, device, dtype, packed)
+        setup.model = add_adapters(model, config)
+    return Prepared(setup, reference_info)
 
 
 def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
@@ -147,24 +147,26 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         raise ConfigError(f"stage {config.stage!r} is not DPO: run it with `dpolab {config.stage}` or a sweep")
     if config.engine == "trl":
         return train_trl(config, output_dir, resume, callbacks)
-    run = prepare_run(config, output_dir, resume, engine="dpolab")
-    prepared = load_prepared(config)
-    run.write_data_report(prepared.data_report.to_dict())
+    start = prepare_run(config, output_dir, resume, engine="dpolab")
+    if start.finished:
+        return start.run
+    run = start.run
+    prepared = load_prepared(config, start.recorded)
+    setup = prepared.setup
+    record_setup(run, setup)
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
-        # bf16 weights need no autocast on top (it would only convert the outputs back to fp32).
-        bf16_weights = uses_bf16_weights(prepared.device, prepared.dtype)
-        args = training_arguments(config, run, prepared.device, "fp32" if bf16_weights else prepared.dtype)
+        args = stage_training_arguments(config, run, setup)
         return DpolabTrainer(
-            model=prepared.model, args=args, optimizer_cls_and_kwargs=(
-                master_weight_optimizer(DpolabTrainer, args, prepared.model) if bf16_weights else None),
-            train_dataset=prepared.datasets["train"], eval_dataset=prepared.datasets["eval"],
-            data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id, packed=prepared.packed),
-            processing_class=prepared.tokenizer,
-            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, prepared.tokenizer, prepared.datasets["eval"],
-                                                             prepared.reference_info["reference_key"], config.beta)],
+            model=setup.model, args=args, optimizer_cls_and_kwargs=stage_optimizer(DpolabTrainer, args, setup),
+            train_dataset=setup.datasets["train"], eval_dataset=setup.datasets["eval"],
+            data_collator=PreferenceCollator(setup.tokenizer.pad_token_id, packed=setup.packed),
+            processing_class=setup.tokenizer,
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, setup, prepared.reference_info["reference_key"],
+                                                             config.beta)],
             dpo_config=config, system_sampler=sampler)
 
-    return fit(run, config, make_trainer, tokenizer=prepared.tokenizer, datasets=prepared.datasets,
+    return fit(run, config, make_trainer, tokenizer=setup.tokenizer, datasets=setup.datasets,
                resume=resume, callbacks=callbacks,
-               summary_extra={**prepared.reference_info, "batch_layout": "packed" if prepared.packed else "padded"})
+               summary_extra={**prepared.reference_info, "batch_layout": setup.settings.batch_layout,
+                              "dtype": setup.settings.dtype})

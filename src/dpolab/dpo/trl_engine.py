@@ -23,13 +23,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dpolab.config import TrainConfig
 from dpolab.data import bind_template, prepare_data
 from dpolab.errors import ConfigError
-from dpolab.lifecycle import fit, prepare_run, resolve_hardware, training_argument_kwargs
-from dpolab.model import disable_dropout, load_model, load_tokenizer
+from dpolab.lifecycle import fit, prepare_run, record_setup, training_argument_kwargs
+from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
+from dpolab.scoring.collate import PreferenceCollator
+from dpolab.stage_setup import StageSetup, resolve_dtype, resolved_settings
 
 logger = logging.getLogger(__name__)
 
@@ -111,25 +115,39 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     ``callbacks``: extra ``TrainerCallback``s, as :func:`dpolab.dpo.trainer.train` takes them.
     """
     import_trl()  # fail before any work when TRL is missing
-    run = prepare_run(config, output_dir, resume, engine="trl")
-    device, dtype = resolve_hardware(config)
+    start = prepare_run(config, output_dir, resume, engine="trl")
+    if start.finished:
+        return start.run
+    run = start.run
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = prepare_device(config.device)
     tokenizer = load_tokenizer(config.model)
-    bind_template(tokenizer, config.chat_template)
+    formatter = bind_template(tokenizer, config.chat_template)
     model, reference = load_model(config.model), load_model(config.ref_model or config.model)
     for m in (model, reference):
         disable_dropout(m)
-    datasets, report, _ = prepare_data(config, tokenizer)
-    run.write_data_report(report.to_dict())
+    datasets, report, data_key = prepare_data(config, tokenizer)
+    if start.recorded:
+        dtype, dtype_choice = start.recorded["dtype"], {**start.recorded["dtype_choice"], "resumed": True}
+    else:
+        collate = PreferenceCollator(tokenizer.pad_token_id, packed=False)
+        dtype, dtype_choice = resolve_dtype(config, device, model, datasets["train"], collate)
+    settings = resolved_settings(config, device, dtype, dtype_choice, False, formatter, data_key)
+    # TRL scores the reference inside every step: no separate pass, no cache.
+    settings.reference = {"model": config.ref_model or config.model,
+                          "role": "ref_model" if config.ref_model else "starting model", "key": None}
+    setup = StageSetup(tokenizer, formatter, model, datasets, report, settings)
+    record_setup(run, setup)
     trainer_class = pretokenized_trainer_class()
 
     def make_trainer(trainer_callbacks: list[Any], sampler: Any) -> Any:
         return trainer_class(
             model=model, ref_model=reference, args=dpo_config(config, run, device, dtype),
             train_dataset=datasets["train"], eval_dataset=datasets["eval"], processing_class=tokenizer,
-            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, tokenizer, datasets["eval"], None, config.beta)],
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, setup, None, config.beta)],
             system_sampler=sampler)
 
-    # TRL scores the reference inside every step: no separate pass, no cache.
     reference_info = {"reference_cache": "none", "reference_time_s": 0.0, "reference_key": None}
     return fit(run, config, make_trainer, tokenizer=tokenizer, datasets=datasets, resume=resume,
-               summary_extra=reference_info, callbacks=callbacks)
+               summary_extra={**reference_info, "batch_layout": "padded", "dtype": dtype}, callbacks=callbacks)

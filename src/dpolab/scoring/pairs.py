@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpolab.scoring.collate import PreferenceCollator
-from dpolab.scoring.logps import concatenated_forward
+from dpolab.scoring.logps import concatenated_forward, sequence_logps
 
 
 @torch.no_grad()
@@ -35,3 +35,26 @@ def score_pairs(
         rejected[indices] = rejected_logps.float().cpu()
     model.train(was_training)
     return chosen, rejected
+
+
+@torch.inference_mode()
+def prompt_answer_logps(model: torch.nn.Module, prompt_ids: list[int], answers: list[list[int]],
+                        pad_token_id: int) -> list[float]:
+    """Summed log pi(answer | prompt) of each answer (token ids as training scores them:
+    :func:`dpolab.data.tokenize.answer_ids`) after one prompt, as one right-padded batch.
+
+    What the samples while training and the web app's rewards score: the same numbers the
+    training loss saw for the same answer.
+    """
+    device = next(model.parameters()).device
+    length = max(len(prompt_ids) + len(a) for a in answers)
+    input_ids = torch.full((len(answers), length), pad_token_id, dtype=torch.long)  # (S, T)
+    attention = torch.zeros_like(input_ids)  # (S, T)
+    answer_mask = torch.zeros_like(input_ids)  # (S, T)
+    for row, answer in enumerate(answers):
+        sequence = prompt_ids + answer
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention[row, : len(sequence)] = 1
+        answer_mask[row, len(prompt_ids): len(sequence)] = 1
+    logps = sequence_logps(model, input_ids.to(device), attention.to(device), answer_mask.to(device))  # (S,)
+    return logps.tolist()

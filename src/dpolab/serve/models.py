@@ -273,26 +273,13 @@ def load_adapter(model_id: str, source: str, reference: str | None, precision: s
 
 def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
     """Summed log pi(answer | prompt) for each answer, one padded batch (answer-only, as in training)."""
-    import torch
+    from dpolab.scoring.pairs import prompt_answer_logps
 
-    from dpolab.scoring.logps import sequence_logps
-
-    pad = loaded.tokenizer.pad_token_id or 0
     # An answer that fills the context (prompt + max new tokens = context) is one position too long
     # once EOS is appended, and re-tokenized text can be longer than the ids generated: score what
-    # fits, never index past the position embeddings (issue 12, W5).
+    # fits, never index past the position embeddings.
     answers = [a[: max(0, loaded.context_length - len(prompt_ids))] for a in answers]
-    length = max(len(prompt_ids) + len(a) for a in answers)
-    input_ids = torch.full((len(answers), length), pad, dtype=torch.long)  # (S, T)
-    attention = torch.zeros_like(input_ids)  # (S, T)
-    answer_mask = torch.zeros_like(input_ids)  # (S, T)
-    for row, answer in enumerate(answers):
-        sequence = prompt_ids + answer
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention[row, : len(sequence)] = 1
-        answer_mask[row, len(prompt_ids): len(sequence)] = 1
-    with torch.inference_mode():
-        return sequence_logps(loaded.model, input_ids, attention, answer_mask).tolist()
+    return prompt_answer_logps(loaded.model, prompt_ids, answers, loaded.tokenizer.pad_token_id or 0)
 
 
 def implicit_rewards(served: ServedModels, prompt_ids: list[int], answers: list[list[int]]) -> list[float] | None:

@@ -6,8 +6,9 @@ same prepared pairs as DPO (same data cache) and trains on ``prompt + chosen``; 
 mean negative log-likelihood of the answer tokens only, through DPO's answer-only chunked LM head:
 prompt tokens are context, never targets, and no (B, T, V) logits tensor is ever built.
 
-Everything around ``Trainer.train`` (run folder, resume, trackers, summary, LoRA save) is
-:mod:`dpolab.lifecycle`, shared with the DPO engines.
+Its setup (template binding, precision, data) is :mod:`dpolab.stage_setup` and everything around
+``Trainer.train`` (run folder, resume, trackers, summary, LoRA save) is :mod:`dpolab.lifecycle`,
+both shared with DPO.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
-from dpolab.data import prepare_data
-from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
-from dpolab.lora import add_adapters, quantization_config, uses_lora
-from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
+from dpolab.lifecycle import (
+    StageTrainer,
+    fit,
+    prepare_run,
+    record_setup,
+    stage_optimizer,
+    stage_training_arguments,
+)
+from dpolab.lora import add_adapters, uses_lora
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
-from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
-from dpolab.scoring.logps import batch_logps
+from dpolab.scoring.collate import PreferenceCollator, batch_tokens
 from dpolab.scoring.loss import chosen_nll
+from dpolab.stage_setup import setup_stage
 from dpolab.tracking import SystemSampler
 
 logger = logging.getLogger(__name__)
@@ -43,7 +49,7 @@ class SFTTrainer(StageTrainer):
         self.sft_config = sft_config
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        answer_logps = batch_logps(model, inputs, self.sft_config.logps_chunk_size)  # (B,)
+        answer_logps = self.answer_logps(model, inputs, self.sft_config.logps_chunk_size)  # (B,)
         loss = chosen_nll(answer_logps, inputs["answer_lengths"])  # mean over every answer token
         if model.training:
             self.pairs_seen += answer_logps.shape[0]
@@ -55,26 +61,25 @@ def train_sft(config: TrainConfig, output_dir: str | Path, resume: bool = False,
               callbacks: list[TrainerCallback] | None = None) -> RunFolder:
     """Fine-tune ``config.model`` on the chosen answers of ``config.dataset``; return the finished run
     folder (``run.json`` has ``"stage": "sft"``; its ``model/`` is the next stage's ``--model``)."""
-    run = prepare_run(config, output_dir, resume, engine="dpolab")
-    device, dtype = resolve_hardware(config)
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, quantization_config=quantization_config(config, device))
-    disable_dropout(model)
-    use_fused_gelu(model)
-    datasets, report, _ = prepare_data(config, tokenizer)
-    run.write_data_report(report.to_dict())
-    packed = choose_packed(config.batch_layout, device, model)
+    start = prepare_run(config, output_dir, resume, engine="dpolab")
+    if start.finished:
+        return start.run
+    run = start.run
+    setup = setup_stage(config, start.recorded)
     if uses_lora(config):
-        model = add_adapters(model, config)
+        setup.model = add_adapters(setup.model, config)
+    record_setup(run, setup)
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
+        args = stage_training_arguments(config, run, setup)
         return SFTTrainer(
-            model=model, args=training_arguments(config, run, device, dtype),
-            train_dataset=datasets["train"], eval_dataset=datasets["eval"],
-            data_collator=PreferenceCollator(tokenizer.pad_token_id, answer_keys=SFT_ANSWER, packed=packed),
-            processing_class=tokenizer,
-            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, tokenizer, datasets["eval"], None, None)],
+            model=setup.model, args=args, optimizer_cls_and_kwargs=stage_optimizer(SFTTrainer, args, setup),
+            train_dataset=setup.datasets["train"], eval_dataset=setup.datasets["eval"],
+            data_collator=PreferenceCollator(setup.tokenizer.pad_token_id, answer_keys=SFT_ANSWER, packed=setup.packed),
+            processing_class=setup.tokenizer,
+            callbacks=[*trainer_callbacks, *sample_callbacks(config, run, setup, None, None)],
             sft_config=config, system_sampler=sampler)
 
-    return fit(run, config, make_trainer, tokenizer=tokenizer, datasets=datasets, resume=resume,
-               callbacks=callbacks)
+    return fit(run, config, make_trainer, tokenizer=setup.tokenizer, datasets=setup.datasets, resume=resume,
+               callbacks=callbacks, summary_extra={"batch_layout": setup.settings.batch_layout,
+                                                   "dtype": setup.settings.dtype})

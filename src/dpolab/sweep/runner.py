@@ -30,11 +30,6 @@ from dpolab.tracking import env_defaults, sweep_tracker_defaults
 
 logger = logging.getLogger(__name__)
 
-# Fields that change the tokenized data or the reference log-probs (their cache keys).
-DATA_FIELDS = ("model", "ref_model", "dataset", "data_dir", "eval_fraction", "max_train_pairs", "max_eval_pairs",
-               "skip_bad_rows", "max_length", "max_prompt_length", "seed", "cache_dir")
-
-
 def objective_value(summary: dict[str, Any], objective: str) -> float:
     """``eval/<metric>`` from the final eval, else a top-level number of summary.json."""
     source, key = (summary.get("eval", {}), objective[5:]) if objective.startswith("eval/") else (summary, objective)
@@ -111,7 +106,9 @@ def fill_caches(config: SweepConfig) -> list[dict[str, Any]]:
     Every trial then reads both from the cache (its summary says ``reference_cache: hit``); the
     records returned here (saved in sweep.json) are where the one ``miss`` of the sweep shows.
     """
+    from dpolab.data import data_cache_key
     from dpolab.dpo.trainer import load_prepared
+    from dpolab.model import load_tokenizer
 
     seen: dict[tuple, dict[str, Any]] = {}
     values = [config.train_values(p) for p in config.grid_points()] or [config.train_values({})]
@@ -122,7 +119,10 @@ def fill_caches(config: SweepConfig) -> list[dict[str, Any]]:
             continue  # that trial will fail on its own, with this error
         if train_config.stage == "sft":
             continue  # SFT has no reference pass (its data cache fills with the first trial)
-        key = tuple(str(getattr(train_config, f)) for f in DATA_FIELDS)
+        # What the reference pass's cache key depends on: the data (its own cache key, the one
+        # function training uses), the reference model, the precision it scores in, the cache.
+        key = (data_cache_key(train_config, load_tokenizer(train_config.model)),
+               train_config.ref_model or train_config.model, train_config.dtype, train_config.cache_dir)
         if key in seen:
             continue
         start = time.perf_counter()
