@@ -154,6 +154,15 @@ def load_model(model_name: str, dtype: torch.dtype | None = None, quantization_c
     return model
 
 
+def load_frozen(model_name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model that only scores (a reference, a policy under evaluation): loaded as training loads
+    it (dropout off, fused GELU), in ``dtype``, on ``device``, in eval mode."""
+    model = load_model(model_name)
+    disable_dropout(model)
+    use_fused_gelu(model)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

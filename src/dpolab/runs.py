@@ -147,6 +147,18 @@ class RunFolder(_RecordFolder):
     def config(self) -> dict[str, Any]:
         return yaml.safe_load(self.config_path.read_text())
 
+    def resolved(self) -> dict[str, Any]:
+        """How the run actually ran (``run.json``'s ``resolved`` block: device, dtype, reference,
+        template, data key, ...), what every later stage reads; {} for a run recorded before it existed."""
+        return self.info().get("resolved") or {}
+
+    def reference_model(self) -> str | None:
+        """The frozen reference the run trained against (None: SFT, or a reference-free loss)."""
+        reference = self.resolved().get("reference") or {}
+        if self.resolved():
+            return reference.get("model")
+        return self.info().get("reference_model")
+
     def data_report(self) -> dict[str, Any]:
         return read_json(self.data_report_path)
 
@@ -182,7 +194,7 @@ class RunFolder(_RecordFolder):
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` (a resume drops the rows logged after its checkpoint)."""
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp = self.metrics_path.with_name(f"{self.metrics_path.name}.tmp{os.getpid()}")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.metrics_path)
 

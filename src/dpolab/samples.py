@@ -32,7 +32,7 @@ from dpolab.data.templates import Formatter
 from dpolab.data.tokenize import answer_ids
 from dpolab.generate import sample_answer
 from dpolab.lora import uses_lora
-from dpolab.model import disable_dropout, load_model, use_fused_gelu
+from dpolab.model import load_frozen
 from dpolab.runs import RunFolder
 from dpolab.scoring.pairs import prompt_answer_logps
 from dpolab.stage_setup import StageSetup
@@ -104,12 +104,9 @@ class SampleRecorder(TrainerCallback):
         if self.reference_name is None:
             return model, model.disable_adapter()
         if self._reference is None:
-            self._reference = load_model(self.reference_name)
-            disable_dropout(self._reference)
-            use_fused_gelu(self._reference)
             # Same device and precision as the policy: the reference pass scored with the run's dtype.
             policy_param = next(model.parameters())
-            self._reference.to(device=policy_param.device, dtype=policy_param.dtype).eval()
+            self._reference = load_frozen(self.reference_name, policy_param.device, policy_param.dtype)
         return self._reference, nullcontext()
 
     def reference_answers(self, model: torch.nn.Module) -> list[str]:

@@ -44,7 +44,7 @@ from dpolab.model import (
     prepare_device,
     use_fused_gelu,
 )
-from dpolab.precision import uses_bf16_weights
+from dpolab.precision import MasterWeightAdamW, uses_bf16_weights
 from dpolab.scoring.collate import PreferenceCollator, choose_packed
 from dpolab.scoring.logps import batch_logps
 
@@ -56,8 +56,8 @@ AUTO_DTYPE_ENV = "DPOLAB_AUTO_DTYPE"
 # bf16 must make the model's own training step this much faster to be chosen: below it the
 # difference is within run-to-run noise and fp32 (exact, no master copy) wins.
 BF16_MIN_SPEEDUP = 1.15
-PROBE_TOKENS = 256  # tokens of real training data in the probe's forward + backward
-PROBE_REPEATS = 3
+PROBE_TOKENS = 384  # tokens of real training data in each probe step
+PROBE_REPEATS = 3  # steps per precision; the first includes oneDNN's kernel choice, best-of drops it
 
 
 @dataclass
@@ -180,7 +180,7 @@ def resolve_dtype(config: TrainConfig, device: str, model: torch.nn.Module, trai
     AVX-512 BF16), bf16 only where it makes *this model's* training step clearly faster: a matmul
     of one fixed shape says little (a 64-wide model spends its step in the LM head, casts and
     elementwise work, where bf16 weights and their fp32 master copy cost more than they save), so
-    :func:`probe_step` times the model's own forward + backward on real training tokens in both
+    :func:`probe_step` times the model's own training step on real training tokens in both
     precisions. Its verdict is cached per (CPU, threads, torch, architecture), so the same machine
     and model give the same choice run after run, every sweep trial included, and only the first
     run pays the probe (tens of ms for the tiny model; a few seconds for GPT-2 124M, well under
@@ -230,11 +230,15 @@ def probe_key(model: torch.nn.Module, packed: bool) -> str:
 
 def probe_step(model: torch.nn.Module, train_set: Any, collate: PreferenceCollator,
                chunk_size: int) -> tuple[float, float, int]:
-    """Best-of-``PROBE_REPEATS`` seconds of one forward + backward of ``model`` (fp32) and of a bf16
-    copy (what a CPU bf16 run trains) on the first training sequences, up to ``PROBE_TOKENS`` tokens.
+    """Best-of-``PROBE_REPEATS`` seconds of one whole training step (forward, backward, gradient
+    clipping, AdamW) of ``model`` in fp32 and of a bf16 copy with its fp32 master weights (what a
+    CPU bf16 run trains), on the first training sequences up to ``PROBE_TOKENS`` tokens.
 
-    The two alternate within each repeat, so a noisy neighbour's burst slows both alike; one
-    untimed pass each first lets oneDNN pick and cache its kernels. Returns (fp32_s, bf16_s, tokens).
+    The whole step, not the forward alone: for a narrow model the master-weight update and the
+    casts can cost more than bf16 matmuls save. The learning rate is 0, so ``model`` is left as it
+    was. The two alternate within each repeat, so a noisy neighbour's burst slows both alike; the
+    first step of each also pays for oneDNN's kernel choice, which best-of drops. Returns
+    (fp32_s, bf16_s, tokens).
     """
     import copy
     import time
@@ -246,24 +250,26 @@ def probe_step(model: torch.nn.Module, train_set: Any, collate: PreferenceCollat
         if tokens >= PROBE_TOKENS:
             break
     batch = collate(examples)
-    candidates = [model, copy.deepcopy(model).to(torch.bfloat16)]
+    bf16_copy = copy.deepcopy(model).to(torch.bfloat16)
+    candidates = [(model, torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)),
+                  (bf16_copy, MasterWeightAdamW(bf16_copy.parameters(), lr=0.0, fused=True))]
 
-    def step(candidate: torch.nn.Module) -> float:
+    def step(candidate: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
         start = time.perf_counter()
         batch_logps(candidate, batch, chunk_size).sum().backward()
-        elapsed = time.perf_counter() - start
-        candidate.zero_grad(set_to_none=True)
-        return elapsed
+        torch.nn.utils.clip_grad_norm_(candidate.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
     was_training = model.training
     best = [float("inf"), float("inf")]
     try:
-        for candidate in candidates:
+        for candidate, _ in candidates:
             candidate.train()
-            step(candidate)
         for _ in range(PROBE_REPEATS):
-            for i, candidate in enumerate(candidates):
-                best[i] = min(best[i], step(candidate))
+            for i, (candidate, optimizer) in enumerate(candidates):
+                best[i] = min(best[i], step(candidate, optimizer))
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)

@@ -47,6 +47,9 @@ class SystemSampler(Periodic):
         self._nvml, self._gpus = _nvml_handles()
         self._latest: dict[str, Any] = {}
         self._start = time.monotonic()
+        # Under torchrun every rank samples (its logs carry the readings), only rank 0 records them:
+        # one writer per file, and NVML already reads every GPU of the machine.
+        self._records = int(os.environ.get("RANK", "0")) == 0
 
     def sample(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -80,7 +83,8 @@ class SystemSampler(Periodic):
 
     def tick(self) -> None:
         self._latest = self.sample()
-        self.run.append_system(self._latest)
+        if self._records:
+            self.run.append_system(self._latest)
 
     def __enter__(self) -> SystemSampler:
         self._process.cpu_percent(None)  # prime: the first call always returns 0.0

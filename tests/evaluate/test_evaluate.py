@@ -77,12 +77,12 @@ def test_evaluate_run_with_judge(tiny_run, tmp_path, judge_dir):
     from dpolab.config import TrainConfig
     from dpolab.evaluate.generation import generate_answers
     from dpolab.evaluate.pairs import held_out_pairs
-    from dpolab.model import load_model, load_tokenizer
+    from dpolab.model import load_frozen, load_tokenizer
 
     config = TrainConfig.from_dict(run.config())
     tokenizer = load_tokenizer(config.model)
-    rerun = generate_answers(load_model(str(run.model_dir)).eval(), load_model(config.model).eval(), tokenizer,
-                             held_out_pairs(config, tokenizer), n_prompts=2, seed=7, max_new_tokens=8)
+    rerun = generate_answers(load_frozen(str(run.model_dir), "cpu"), load_frozen(config.model, "cpu"), tokenizer,
+                             held_out_pairs(config, tokenizer)[0], n_prompts=2, seed=7, max_new_tokens=8)
     assert [(r["policy"], r["reference"]) for r in rerun] == [(r["policy"], r["reference"]) for r in rows[:2]]
 
 

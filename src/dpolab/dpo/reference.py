@@ -17,7 +17,7 @@ import torch
 from datasets import DatasetDict
 
 from dpolab.errors import ConfigError
-from dpolab.model import disable_dropout, load_model, use_fused_gelu, weights_fingerprint
+from dpolab.model import load_frozen, weights_fingerprint
 from dpolab.scoring.collate import PreferenceCollator
 from dpolab.scoring.pairs import score_pairs
 
@@ -27,13 +27,11 @@ logger = logging.getLogger(__name__)
 def load_reference(name: str, policy: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """A separate frozen reference (``ref_model``), prepared exactly as the policy is when it is its
     own reference. It scores the same token ids, so its vocabulary must be the policy's."""
-    reference = load_model(name)
-    disable_dropout(reference)
-    use_fused_gelu(reference)
+    reference = load_frozen(name, device, next(policy.parameters()).dtype)
     if reference.config.vocab_size != policy.config.vocab_size:
         raise ConfigError(f"ref_model {name}: vocabulary of {reference.config.vocab_size} tokens, but the policy's "
                           f"has {policy.config.vocab_size}; the reference must share the policy's tokenizer")
-    return reference.to(device)
+    return reference
 
 
 def add_reference_logps(

@@ -11,7 +11,7 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
-from dpolab.scoring.collate import PreferenceCollator, choose_packed
+from dpolab.scoring.collate import PreferenceCollator
 from dpolab.scoring.loss import preference_loss, preference_metrics
 from dpolab.scoring.pairs import score_pairs
 
@@ -19,10 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_dataset, config: TrainConfig,
-                 pad_token_id: int, device: str) -> dict[str, Any]:
-    """Metrics of ``policy`` vs ``reference`` on ``eval_dataset`` (tokenized held-out pairs)."""
+                 pad_token_id: int, packed: bool) -> dict[str, Any]:
+    """Metrics of ``policy`` vs ``reference`` on ``eval_dataset`` (tokenized held-out pairs), scored
+    in packed or padded batches."""
+    collate = PreferenceCollator(pad_token_id, packed=packed)
+
     def scores(model: torch.nn.Module, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        collate = PreferenceCollator(pad_token_id, packed=choose_packed(config.batch_layout, device, model))
         return score_pairs(model, eval_dataset, collate, config.per_device_eval_batch_size, config.logps_chunk_size,
                            desc=desc)
 
@@ -45,7 +47,8 @@ def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_datas
     return metrics
 
 
-def held_out_pairs(config: TrainConfig, tokenizer):
-    """The run's own held-out split (same seed, fraction and limits as training; from the data cache)."""
-    datasets, _, _ = prepare_data(config, tokenizer)
-    return datasets["eval"]
+def held_out_pairs(config: TrainConfig, tokenizer) -> tuple[Any, str]:
+    """The run's own held-out split (same seed, fraction and limits as training; from the data
+    cache) and its data key (to check against the run's record)."""
+    datasets, _, data_key = prepare_data(config, tokenizer)
+    return datasets["eval"], data_key

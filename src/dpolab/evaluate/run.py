@@ -12,12 +12,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dpolab.config import TrainConfig
+from dpolab.data import prepare_eval_pairs
 from dpolab.errors import RunFolderError
 from dpolab.evaluate.generation import RewardJudge, generate_answers, judge_rows, win_rate_summary
 from dpolab.evaluate.pairs import held_out_pairs, pair_metrics
 from dpolab.hh import SAMPLING
+from dpolab.model import load_frozen, load_tokenizer, prepare_device
+from dpolab.precision import uses_bf16_weights
 from dpolab.runs import append_jsonl, resolve_run, write_json
+from dpolab.scoring.collate import choose_packed
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +32,29 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
              max_new_tokens: int = 64, temperature: float = SAMPLING["temperature"], top_p: float = SAMPLING["top_p"],
              output_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds."""
-    from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device
-
     run = resolve_run(path)
     if not run.has_model():
         raise RunFolderError(f"{run.path}: no final model (training unfinished?)")
     config = TrainConfig.from_dict(run.config(), source=str(run.config_path))
-    device = prepare_device(config.device)
-    tokenizer = load_tokenizer(config.model)
-    policy = load_model(str(run.model_dir)).to(device).eval()
-    reference = load_model(config.model).to(device).eval()
-    for model in (policy, reference):
-        disable_dropout(model)
-    eval_dataset = held_out_pairs(config, tokenizer)
+    recorded = run.resolved()
+    # The run's own record says what it was: its reference, precision and batch layout, and the
+    # tokenizer saved with its model carries the chat template it trained with.
+    reference_name = run.reference_model() or config.model
+    device = prepare_device(recorded.get("device", config.device))
+    dtype = recorded.get("dtype", "fp32")
+    tokenizer = load_tokenizer(str(run.model_dir))
+    # CPU bf16 runs trained (and scored their reference) with bf16 weights: evaluate the same way.
+    weights = torch.bfloat16 if uses_bf16_weights(device, dtype) else torch.float32
+    policy, reference = (load_frozen(name, device, weights) for name in (str(run.model_dir), reference_name))
+    eval_dataset, data_key = held_out_pairs(config, tokenizer)
+    if recorded.get("data_key") and data_key != recorded["data_key"]:
+        logger.warning("the held-out data differs from what %s trained on (data key %s, recorded %s): "
+                       "its files changed since", run.path, data_key, recorded["data_key"])
 
-    result: dict[str, Any] = {"run": str(run.path), "base_model": config.model}
-    result["pairs"] = pair_metrics(policy, reference, eval_dataset, config, tokenizer.pad_token_id, device)
+    result: dict[str, Any] = {"run": str(run.path), "base_model": config.model, "reference": reference_name,
+                              "dtype": dtype}
+    packed = recorded.get("batch_layout", "padded") == "packed"
+    result["pairs"] = pair_metrics(policy, reference, eval_dataset, config, tokenizer.pad_token_id, packed)
     logger.info("held-out pairs: loss %.4f, reward accuracy %.3f, margin %.4f", result["pairs"]["loss"],
                 result["pairs"]["rewards/accuracies"], result["pairs"]["rewards/margins"])
 
@@ -74,9 +87,6 @@ def evaluate_model(model: str, reference: str, dataset: str, split: str = "train
     ``dataset`` (any source and format training reads; ``split`` of a Hub / save_to_disk dataset).
     Rendered with the policy's tokenizer, whose chat template (if any) is how it was trained.
     Writes ``OUTPUT_DIR/metrics.json`` (the same ``pairs`` metrics as a run's evaluation)."""
-    from dpolab.data import prepare_eval_pairs
-    from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device
-
     try:
         run = resolve_run(model)
     except RunFolderError:
@@ -87,11 +97,10 @@ def evaluate_model(model: str, reference: str, dataset: str, split: str = "train
     device = prepare_device(config.device)
     tokenizer = load_tokenizer(source)
     pairs, report = prepare_eval_pairs(config, tokenizer)
-    policy, ref = load_model(source).to(device).eval(), load_model(reference).to(device).eval()
-    for loaded in (policy, ref):
-        disable_dropout(loaded)
+    policy, ref = load_frozen(source, device), load_frozen(reference, device)
+    packed = all(choose_packed(config.batch_layout, device, m) for m in (policy, ref))
     result = {"model": model, "reference": reference, "dataset": dataset, "split": split,
-              "pairs": pair_metrics(policy, ref, pairs, config, tokenizer.pad_token_id, device),
+              "pairs": pair_metrics(policy, ref, pairs, config, tokenizer.pad_token_id, packed),
               "data_report": report.to_dict(), "generation": None, "judge": None}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

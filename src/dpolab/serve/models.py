@@ -106,6 +106,8 @@ def describe(source: str) -> tuple[dict[str, Any], RunFolder | None, Path | None
         summary = run.summary() if run.summary_path.exists() else {}
         info.update(
             run=run.path.name, base_model=run_info.get("base_model"), dataset=run_info.get("dataset"),
+            # The reference the run trained against (its record), not a guess from the base model.
+            reference_model=run.reference_model(), dtype=run.resolved().get("dtype"),
             engine=run_info.get("engine"),
             hyperparameters={k: config[k] for k in HYPERPARAMETERS if k in config},
             eval={k: summary.get("eval", {})[k] for k in EVAL_KEYS if k in summary.get("eval", {})},
@@ -197,7 +199,8 @@ def load_one(model_id: str, source: str, precision: str = "fp32") -> LoadedModel
 
 
 def load_served_models(source: str, reference: str | None = None, precision: str = "fp32") -> ServedModels:
-    """Load the DPO model behind ``source`` and its reference (``reference`` or the run's base model),
+    """Load the DPO model behind ``source`` and its reference (``reference``, else the one the run
+    recorded, else its base model),
     both in ``precision`` (see :func:`dpolab.generate.load_for_generation`)."""
     info, run, sweep_dir = describe(source)
     if info["kind"] == "adapter":
@@ -206,7 +209,8 @@ def load_served_models(source: str, reference: str | None = None, precision: str
         model_dir = str(resolve_model_dir(source)) if info["kind"] in ("run", "sweep", "export") else source
         policy = load_one(_model_name(source, info), model_dir, precision)
         ref = None
-    reference_source = reference or info.get("base_model")
+    # SFT runs have no reference: their base model is what they are compared with.
+    reference_source = reference or info.get("reference_model") or info.get("base_model")
     if reference_source and ref is None:
         ref_id = str(reference_source)
         if ref_id == policy.id:
