@@ -5,10 +5,10 @@ model as the DPO reference (the reference cache key is the SFT weights' fingerpr
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
-from types import SimpleNamespace
 import subprocess
 import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
