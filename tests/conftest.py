@@ -18,6 +18,9 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # `dtype: auto` resolves the same on every CPU and under any load: fp32 unless a run asks, or
+    # unless this switch says bf16 (`make test-bf16` runs the CLI-level tests so, as an AMX CPU would).
+    os.environ.setdefault("DPOLAB_AUTO_DTYPE", "fp32")
     return cache
 
 

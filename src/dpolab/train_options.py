@@ -43,3 +43,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     if "report_to" in overrides:  # `--report-to wandb,mlflow` as well as `--report-to wandb mlflow`; `none` clears
         overrides["report_to"] = [t for v in overrides["report_to"] for t in v.split(",") if t and t != "none"]
     return overrides
+
+
+def throughput(summary: dict[str, Any]) -> str:
+    """``"bf16 | 1.27 pairs/s"``: the precision the run trained in and this session's speed."""
+    speed = f"{summary['pairs_per_s']} pairs/s" if summary.get("pairs_per_s") else "no steps trained in this session"
+    return f"{summary.get('dtype', '?')} | {speed}"

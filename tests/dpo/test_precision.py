@@ -6,8 +6,14 @@ import math
 import pytest
 import torch
 
-from dpolab.model import choose_cpu_dtype, matmul_probe
+from dpolab import stage_setup
+from dpolab.data import prepare_data
+from dpolab.errors import ConfigError
+from dpolab.model import build_builtin, load_tokenizer
 from dpolab.precision import MasterWeightAdamW, uses_bf16_weights
+from dpolab.scoring.collate import PreferenceCollator
+from dpolab.stage_setup import resolve_dtype
+from tests.conftest import tiny_config
 from tests.dpo.golden import GOLDEN_PATH, golden_losses
 
 # bf16 keeps 8 mantissa bits: the forward pass differs from fp32 by ~0.4% per activation. Over the
@@ -59,11 +65,54 @@ def test_master_copy_survives_a_checkpoint():
     assert torch.equal(resumed_model.weight, model.weight)
 
 
-def test_dtype_auto_on_cpu_needs_the_instructions_and_a_faster_probe():
-    assert choose_cpu_dtype(("amx_bf16",), fp32_s=0.030, bf16_s=0.010) == "bf16"
-    assert choose_cpu_dtype(("avx512_bf16",), fp32_s=0.030, bf16_s=0.028) == "fp32"  # not clearly faster
-    assert choose_cpu_dtype((), fp32_s=0.030, bf16_s=0.010) == "fp32"  # no bf16 instructions
-    fp32_s, bf16_s = matmul_probe()
-    assert 0 < fp32_s < 5 and 0 < bf16_s < 5
+def _auto(tmp_path, **overrides):
+    config = tiny_config(dtype="auto", cache_dir=str(tmp_path / "cache"), **overrides)
+    tokenizer = load_tokenizer("tiny-gpt2")
+    train_set = prepare_data(config, tokenizer)[0]["train"]
+    model = build_builtin("tiny-gpt2")
+    return resolve_dtype(config, "cpu", model, train_set, PreferenceCollator(tokenizer.pad_token_id, packed=True))
+
+
+def test_dtype_auto_on_cpu_follows_this_models_step_and_remembers_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(stage_setup.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(stage_setup, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    monkeypatch.setattr(stage_setup, "probe_step", lambda *a: (0.030, 0.028, 384))  # bf16 not clearly faster
+    dtype, choice = _auto(tmp_path)
+    assert (dtype, choice["by"], choice["bf16_speedup"]) == ("fp32", "probe", pytest.approx(0.030 / 0.028, abs=1e-3))
+
+    # The verdict is remembered for this CPU and architecture: the next run does not probe again
+    # and cannot flip with a noisy neighbour.
+    monkeypatch.setattr(stage_setup, "probe_step", lambda *a: pytest.fail("probed twice"))
+    assert _auto(tmp_path)[0] == "fp32" and _auto(tmp_path)[1]["by"] == "probe (cached)"
+
+    monkeypatch.setattr(stage_setup, "probe_step", lambda *a: (0.030, 0.010, 384))
+    dtype, choice = _auto(tmp_path / "other")
+    assert (dtype, choice["fp32_ms"], choice["bf16_ms"]) == ("bf16", 30.0, 10.0)
+
+
+def test_dtype_auto_without_bf16_instructions_or_with_the_switch(tmp_path, monkeypatch):
+    monkeypatch.delenv(stage_setup.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(stage_setup, "cpu_bf16_flags", lambda: ())
+    monkeypatch.setattr(stage_setup, "probe_step", lambda *a: pytest.fail("no bf16 instructions: no probe"))
+    assert _auto(tmp_path)[0] == "fp32"
+    # The documented switch makes `auto` resolve as a bf16 CPU would, on any CPU.
+    monkeypatch.setenv(stage_setup.AUTO_DTYPE_ENV, "bf16")
+    assert _auto(tmp_path) == ("bf16", {"by": "environment (DPOLAB_AUTO_DTYPE=bf16)"})
+    monkeypatch.setenv(stage_setup.AUTO_DTYPE_ENV, "bf17")
+    with pytest.raises(ConfigError, match="DPOLAB_AUTO_DTYPE='bf17': must be bf16 or fp32"):
+        _auto(tmp_path)
     assert uses_bf16_weights("cpu", "bf16") and not uses_bf16_weights("cuda", "bf16")
     assert not uses_bf16_weights("cpu", "fp32")
+
+
+def test_the_probe_times_whole_steps_and_leaves_the_model_as_it_was():
+    config = tiny_config()
+    tokenizer = load_tokenizer("tiny-gpt2")
+    train_set = prepare_data(config, tokenizer)[0]["train"]
+    model = build_builtin("tiny-gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32_s, bf16_s, tokens = stage_setup.probe_step(
+        model, train_set, PreferenceCollator(tokenizer.pad_token_id, packed=True), 128)
+    assert fp32_s > 0 and bf16_s > 0 and tokens >= stage_setup.PROBE_TOKENS
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # learning rate 0
+    assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())

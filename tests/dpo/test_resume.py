@@ -81,7 +81,7 @@ def assert_same_run(resumed_dir, clean_dir):
     assert [r["loss"] for r in rows(resumed_dir)] == pytest.approx([r["loss"] for r in rows(clean_dir)], abs=1e-6)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, clean_dir):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, clean_dir, capsys):
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "dpolab.cli", *ARGS, "--output-dir", str(killed_dir)],
                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,8 +96,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, clean_dir):
     assert not (killed_dir / "summary.json").exists()
     assert (killed_dir / "checkpoints" / "checkpoint-9").is_dir()
 
-    assert main([*ARGS, "--output-dir", str(killed_dir), "--resume"]) == 0
+    # A resume continues the same training: a setting that changes what is trained is refused, and
+    # the run's records are left as they were.
+    config_before = (killed_dir / "config.yaml").read_bytes()
+    assert main([*ARGS, "--output-dir", str(killed_dir), "--resume", "--beta", "0.5", "--learning-rate", "1e-2"]) == 2
+    assert "learning_rate is 0.01 here but" in capsys.readouterr().err
+    assert (killed_dir / "config.yaml").read_bytes() == config_before
+    time_at_checkpoint = max(r["time_s"] for r in rows(killed_dir) if r["step"] <= 9)
+
+    # Allowed changes (how it is logged) are recorded at the step they start from.
+    assert main([*ARGS, "--output-dir", str(killed_dir), "--resume", "--logging-steps", "5", "--save-total-limit", "3"]) == 0
+    assert json.loads((killed_dir / "run.json").read_text())["resumes"] == [
+        {"from_step": 9, "changed": {"save_total_limit": [2, 3]}}]
     assert_same_run(killed_dir, clean_dir)
+    # The wall time is the whole run's, not only the resumed part's.
+    assert summary(killed_dir)["wall_time_s"] > time_at_checkpoint
     # Train rows cover every step once: one at each log interval and each checkpoint.
     assert [r["step"] for r in rows(clean_dir) if r["split"] == "train"] == [
         1, 3, 5, 6, 9, 10, 12, 15, 18, 20, 21, 24]
@@ -118,3 +131,13 @@ def test_sigkill_during_the_final_save_then_resume_trains_no_step_past_max_steps
     assert resumed.keys() == clean.keys()
     for name, tensor in clean.items():
         assert resumed[name].equal(tensor), name
+
+
+def test_resume_of_a_finished_run_leaves_it_untouched(clean_dir, capsys):
+    records = {name: (clean_dir / name).read_bytes() for name in ("config.yaml", "summary.json", "run.json")}
+    # Asking for fewer steps would rewrite what the run was: refused in one line, nothing changes.
+    assert main([*ARGS, "--output-dir", str(clean_dir), "--resume", "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("(use a new --output-dir to change max_steps)")
+    # The same command again: nothing to train, nothing rewritten.
+    assert main([*ARGS, "--output-dir", str(clean_dir), "--resume"]) == 0
+    assert {name: (clean_dir / name).read_bytes() for name in records} == records

@@ -99,7 +99,14 @@ def test_sft_then_dpo_through_the_cli(tmp_path):
     dpolab("train", "--model", "runs/sft", "--output-dir", "runs/dpo")
     sft, dpo = RunFolder.open(tmp_path / "runs/sft"), RunFolder.open(tmp_path / "runs/dpo")
 
-    sft_weights = weights_fingerprint(load_model(str(sft.model_dir)))
+    # Each stage recorded what it resolved; the DPO reference is the SFT model, scored in the DPO
+    # run's precision (bf16 where `auto` chose it: the cache key fingerprints those weights).
+    recorded = dpo.resolved()
+    assert recorded["reference"] == {"model": str(tmp_path / "runs/sft"), "role": "starting model",
+                                     "key": dpo.summary()["reference_key"]}
+    assert sft.resolved()["dtype"] == recorded["dtype"] == dpo.summary()["dtype"]
+    weights = load_model(str(sft.model_dir)).to(torch.bfloat16 if recorded["dtype"] == "bf16" else torch.float32)
+    sft_weights = weights_fingerprint(weights)
     assert sft_weights != weights_fingerprint(build_builtin("tiny-gpt2"))
     summary = dpo.summary()
     assert summary["reference_key"].startswith(f"{sft_weights}-")  # the reference is the SFT model

@@ -9,7 +9,7 @@ import json
 import logging
 
 from dpolab.paths import resolve_config_paths, user_path
-from dpolab.train_options import add_run_arguments, config_options, overrides_from
+from dpolab.train_options import add_run_arguments, config_options, overrides_from, throughput
 
 logger = logging.getLogger(__name__)
 
@@ -42,5 +42,5 @@ def print_run_result(run) -> None:
     print(f"\nrun folder: {run.path}")
     print(f"model:      {run.model_dir}")
     print(f"eval loss {eval_metrics['loss']:.4f} | reward accuracy {eval_metrics['rewards/accuracies']:.3f} | "
-          f"reward margin {eval_metrics['rewards/margins']:.4f} | {summary['pairs_per_s']} pairs/s")
+          f"reward margin {eval_metrics['rewards/margins']:.4f} | {throughput(summary)}")
     logger.debug(json.dumps(summary))

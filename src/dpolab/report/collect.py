@@ -24,6 +24,7 @@ class TrialRecords:
     error: str | None = None
     is_best: bool = False
     samples: list[dict[str, Any]] = field(default_factory=list)  # the latest evaluation's (sample_prompts > 0)
+    resolved: dict[str, Any] = field(default_factory=dict)  # run.json's resolved settings (dtype, device, ...)
 
     @property
     def finished(self) -> bool:
@@ -55,6 +56,8 @@ def _read_run(run: RunFolder, name: str, state: str) -> TrialRecords:
     record.eval = run.metrics("eval")
     record.system = run.system()
     record.samples = run.samples(step=-1)
+    if run.identity_path.is_file():
+        record.resolved = run.resolved()
     return record
 
 

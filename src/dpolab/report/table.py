@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from dpolab.report.collect import TrialRecords
 
-COLUMNS = ["trial", "lr", "batch", "weight decay", "epochs", "beta", "loss type", "eval loss",
+COLUMNS = ["trial", "lr", "batch", "weight decay", "epochs", "beta", "loss type", "dtype", "eval loss",
            "reward acc.", "reward margin", "wall time (s)", "pairs/s", "status"]
 BEST_MARK = "★"
 
@@ -36,6 +36,7 @@ def table_rows(trials: list[TrialRecords]) -> list[dict[str, str]]:
             "epochs": "—" if epochs is None else f"{float(epochs):g}",
             "beta": "—" if c.get("beta") is None else f"{float(c['beta']):g}",
             "loss type": str(c.get("loss_type", "—")),
+            "dtype": t.resolved.get("dtype") or "—",  # what the run trained in, not the config's "auto"
             "eval loss": _num(ev.get("loss"), ".4f"),
             "reward acc.": _num(ev.get("rewards/accuracies"), ".3f"),
             "reward margin": _num(ev.get("rewards/margins"), ".4f"),

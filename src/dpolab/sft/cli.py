@@ -14,7 +14,7 @@ import logging
 import math
 
 from dpolab.paths import resolve_config_paths, user_path
-from dpolab.train_options import add_run_arguments, config_options, overrides_from
+from dpolab.train_options import add_run_arguments, config_options, overrides_from, throughput
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_sft(args: argparse.Namespace) -> int:
     nll = summary["eval"]["loss"]
     print(f"\nrun folder: {run.path}")
     print(f"model:      {run.model_dir}")
-    print(f"held-out answer NLL {nll:.4f} (perplexity {math.exp(min(nll, 50)):.1f}) | {summary['pairs_per_s']} pairs/s")
+    print(f"held-out answer NLL {nll:.4f} (perplexity {math.exp(min(nll, 50)):.1f}) | {throughput(summary)}")
     print(f"next: dpolab train --model {run.path}   # DPO from this model (also its reference)")
     logger.debug(json.dumps(summary))
     return 0

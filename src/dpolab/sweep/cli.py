@@ -58,7 +58,9 @@ def print_sweep_result(sweep) -> None:
     print(f"\nsweep folder: {sweep.path}")
     for row in sweep.trial_records():
         value = f"{row['value']:.4f}" if row.get("value") is not None else "-"
-        print(f"  {row['trial']:<24} {row['state']:<9} {value:>8}  {row.get('error') or ''}")
+        run = sweep.trial_run(row["trial"])
+        dtype = run.resolved().get("dtype", "-") if run.identity_path.is_file() else "-"
+        print(f"  {row['trial']:<24} {row['state']:<9} {value:>8}  {dtype:<5} {row.get('error') or ''}")
     if sweep.has_best():
         best = sweep.best()
         print(f"best:        {best['trial']} ({best['objective']} = {best['value']:.4f})")
