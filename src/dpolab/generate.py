@@ -24,7 +24,7 @@ from torch import nn
 
 from dpolab.errors import ConfigError
 from dpolab.hh import HUMAN, SAMPLING
-from dpolab.model import disable_dropout, load_model, use_fused_gelu
+from dpolab.model import load_frozen
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +40,8 @@ def load_for_generation(model_dir: str | Path, precision: Precision = "fp32") ->
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    model = load_model(str(model_dir))
-    disable_dropout(model)
-    use_fused_gelu(model)
-    model.eval()
-    if precision == "bf16":
-        model.to(torch.bfloat16)
-    elif precision == "int8":
-        model = quantize_int8(model)
-    return model
+    model = load_frozen(str(model_dir), "cpu", torch.bfloat16 if precision == "bf16" else torch.float32)
+    return quantize_int8(model) if precision == "int8" else model
 
 
 def conv1d_to_linear(model: nn.Module) -> int:
