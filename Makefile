@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test lint bench golden clean
+.PHONY: install demo test test-bf16 lint bench golden clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ demo: $(STAMP)  ## train + sweep three tiny-gpt2 configs on the bundled HH-RLHF 
 
 test: $(STAMP)  ## the whole suite (CPU, ~8 minutes on 2 cores)
 	$(PY) -m pytest -q
+
+# The CLI-level tests again with `dtype: auto` resolving to bf16, as on a CPU with AMX: every stage's
+# bf16 path (record, evaluate, serve, export, sweep, resume) is exercised on any CPU.
+BF16_TESTS = tests/sft tests/evaluate tests/hub/test_hub_export.py tests/test_relative_paths.py \
+             tests/sweep/test_sweep_grid.py tests/dpo/test_trainer.py::test_cli_trains_from_a_config_with_overrides
+test-bf16: $(STAMP)  ## the CLI-level tests with dtype auto -> bf16 (DPOLAB_AUTO_DTYPE=bf16)
+	DPOLAB_AUTO_DTYPE=bf16 $(PY) -m pytest -q $(BF16_TESTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
