@@ -38,6 +38,21 @@ def test_sampler_without_gpu_records_cpu_and_rss(tmp_path, monkeypatch):
     assert set(sampler.latest()) == {"system/cpu_percent", "system/rss_mb"}
 
 
+def test_under_torchrun_only_rank_0_records_system_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "_nvml_handles", lambda: (None, []))
+    run = RunFolder.create(tmp_path / "run", {"engine": "dpolab"})
+    monkeypatch.setenv("RANK", "1")
+    with SystemSampler(run, interval_s=0.02) as sampler:
+        import time
+
+        time.sleep(0.1)
+    assert run.system() == [] and "system/rss_mb" in sampler.latest()  # sampled for its logs, not recorded
+    monkeypatch.setenv("RANK", "0")
+    with SystemSampler(run, interval_s=0.02):
+        pass
+    assert len(run.system()) == 1  # the state at the end
+
+
 class FakeNVML:
     """Two GPUs as NVML reports them (mW, mJ, bytes)."""
 

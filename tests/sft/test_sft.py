@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
@@ -19,6 +20,7 @@ from dpolab.model import build_builtin, disable_dropout, load_model, load_tokeni
 from dpolab.runs import RunFolder
 from dpolab.scoring.collate import PreferenceCollator
 from dpolab.sft.trainer import SFT_ANSWER, SFTTrainer, train_sft
+from tests.chat_model import build_chat_model
 from tests.conftest import tiny_config
 
 N_PAIRS = 4
@@ -141,3 +143,20 @@ def test_a_sweep_sweeps_sft_configs(tmp_path):
     assert all(t.info()["stage"] == "sft" and "rewards/margins" not in t.summary()["eval"] for t in trials.values())
     losses = {name: t.summary()["eval"]["loss"] for name, t in trials.items()}
     assert sweep.best()["trial"] == min(losses, key=losses.get)
+
+
+@pytest.mark.slow
+def test_sft_binds_its_template_and_trains_cpu_bf16_like_dpo(tmp_path):
+    """SFT shares DPO's setup: the run's chat template is bound to the tokenizer saved with the model
+    (serve and the next stage render chats as SFT trained), and CPU bf16 trains bf16 weights."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}### assistant: {% endif %}")
+    model = build_chat_model(tmp_path / "chat")  # its own template is ChatML: the run must not keep it
+    config = tiny_config(stage="sft", model=str(model), chat_template=str(template), dtype="bf16", max_steps=1,
+                         max_train_pairs=8, max_eval_pairs=4, max_length=128, max_prompt_length=64)
+    run = train_sft(config, tmp_path / "sft")
+    assert AutoTokenizer.from_pretrained(run.model_dir).chat_template == template.read_text()
+    assert run.resolved()["chat_template"]["name"] == str(template)
+    assert run.resolved()["dtype"] == "bf16"
+    assert json.loads((run.model_dir / "config.json").read_text())["dtype"] == "bfloat16"  # bf16 weights, no autocast

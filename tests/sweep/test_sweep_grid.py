@@ -78,6 +78,25 @@ def test_grid_three_trials_reference_once_best_recorded(tmp_path, caplog):
 
 
 @pytest.mark.slow
+def test_sweeping_what_changes_the_reference_pass_prepares_each_setup_ahead(tmp_path):
+    """The sweep keys its shared caches with the data cache key and the reference's precision, so a
+    sweep over precision or prompt format scores each reference once, before the trials."""
+    config = SweepConfig(base=tiny_base(tmp_path / "cache"), trials=[
+        {"name": "fp32-hh", "dtype": "fp32", "chat_template": "hh"},
+        {"name": "bf16-hh", "dtype": "bf16", "chat_template": "hh"},
+        {"name": "fp32-auto", "dtype": "fp32", "chat_template": "auto"},  # the same data key as fp32-hh
+    ])
+    sweep = run_sweep(config, tmp_path / "sweep")
+    prepared = sweep.info()["reference"]
+    assert len(prepared) == 2 and [r["reference_cache"] for r in prepared] == ["miss", "miss"]
+    summaries = {run.path.name: run.summary() for run in sweep.trials()}
+    assert {name: s["reference_cache"] for name, s in summaries.items()} == {
+        "fp32-hh": "hit", "bf16-hh": "hit", "fp32-auto": "hit"}
+    assert {name: s["dtype"] for name, s in summaries.items()} == {
+        "fp32-hh": "fp32", "bf16-hh": "bf16", "fp32-auto": "fp32"}
+
+
+@pytest.mark.slow
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     import dpolab.stages as stages
 
