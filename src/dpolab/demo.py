@@ -39,8 +39,7 @@ def sft_stage(config_path: Path, run_dir: Path) -> RunFolder:
 
     if not config_path.is_file():
         raise ConfigError(f"{config_path}: SFT config not found (pass --sft-config, or --sft-config none)")
-    if RunFolder.is_run(run_dir) and RunFolder(run_dir).is_finished():
-        return RunFolder.open(run_dir)
+    # A finished SFT run is resumed as it is (untouched); an interrupted one continues.
     run = train_sft(load_config(config_path, {"stage": "sft"}), run_dir, resume=RunFolder.is_run(run_dir))
     print(f"stage 1, SFT: held-out answer NLL {run.summary()['eval']['loss']:.4f} ({run.path})")
     return run

@@ -258,10 +258,13 @@ def resume_run(run: RunFolder, config: TrainConfig) -> RunStart:
     trained = run.config()
     new = config.to_dict()
     changed = {key: [trained.get(key), value] for key, value in new.items() if trained.get(key) != value}
-    for key, (old, value) in changed.items():
-        if key not in RESUME_MAY_CHANGE:
-            raise ConfigError(f"--resume: {key} is {value!r} here but {run.path} was trained with {old!r}; "
-                              f"a resume continues the same training (use a new --output-dir to change {key})")
+    refused = {key: pair for key, pair in changed.items() if key not in RESUME_MAY_CHANGE}
+    if refused:
+        asked = ", ".join(f"{key} {value!r}" for key, (_, value) in refused.items())
+        trained_with = ", ".join(f"{key} {old!r}" for key, (old, _) in refused.items())
+        raise ConfigError(f"--resume: this command sets {asked}, but {run.path} was trained with {trained_with}; "
+                          f"a resume continues the same training (use a new --output-dir to change "
+                          f"{'it' if len(refused) == 1 else 'them'})")
     info = run.info()
     if run.is_finished():
         logger.info("%s already finished: nothing to resume, its records are left as they are", run.path)

@@ -126,10 +126,14 @@ def fill_caches(config: SweepConfig) -> list[dict[str, Any]]:
         if key in seen:
             continue
         start = time.perf_counter()
-        reference_info = load_prepared(train_config).reference_info
+        prepared = load_prepared(train_config)
+        reference_info, dtype = prepared.reference_info, prepared.setup.settings.dtype
+        del prepared
         gc.collect()
+        # dtype: what "auto" resolved to for this setup; its trials resolve the same (the probe's
+        # verdict is cached), so they compare.
         seen[key] = {**reference_info, "model": train_config.model, "dataset": train_config.dataset,
-                     "prepare_time_s": round(time.perf_counter() - start, 3)}
+                     "dtype": dtype, "prepare_time_s": round(time.perf_counter() - start, 3)}
         logger.info("sweep: reference pass for %s on %s: %s (%.1f s); trials will read the cache",
                     train_config.model, train_config.dataset,
                     "computed once" if reference_info["reference_cache"] == "miss" else "already cached",
