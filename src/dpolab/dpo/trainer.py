@@ -22,7 +22,7 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
-from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
+from dpolab.data import LENGTH_COLUMNS, DataReport, bind_template, default_cache_dir, prepare_data
 from dpolab.dpo.reference import add_reference_logps, load_reference
 from dpolab.dpo.trl_engine import train_trl
 from dpolab.errors import ConfigError
@@ -33,6 +33,7 @@ from dpolab.precision import master_weight_optimizer, uses_bf16_weights
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
 from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.scoring.length import length_metrics, pair_records
 from dpolab.scoring.logps import answer_lengths, concatenated_forward
 from dpolab.scoring.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.tracking import SystemSampler
@@ -45,9 +46,10 @@ PER_PAIR_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_
 class DpolabTrainer(StageTrainer):
     """``Trainer`` whose loss is DPO on a batch of (2B, T) sequences with precomputed reference log-probs."""
 
-    def __init__(self, *args: Any, dpo_config: TrainConfig, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, dpo_config: TrainConfig, run: RunFolder | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dpo_config = dpo_config
+        self.run = run  # where each evaluation's per-pair margins and lengths go (eval_pairs.jsonl)
         self._per_pair: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                      "eval": defaultdict(list)}
 
@@ -72,6 +74,9 @@ class DpolabTrainer(StageTrainer):
                   policy_chosen_logps.detach(), policy_rejected_logps.detach())
         for key, value in zip((*PER_PAIR_KEYS, "chosen_lengths"), (*values, lengths["chosen_lengths"]), strict=True):
             self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(value).float().cpu())
+        if mode == "eval":  # the answers' lengths, for the length-controlled metrics
+            for key in LENGTH_COLUMNS:
+                self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(inputs[key]).cpu())
         loss = losses.mean()
         if self.dpo_config.rpo_alpha:
             loss = loss + self.dpo_config.rpo_alpha * chosen_nll(policy_chosen_logps, lengths["chosen_lengths"])
@@ -88,10 +93,21 @@ class DpolabTrainer(StageTrainer):
                 metrics["loss"] += self.dpo_config.rpo_alpha * metrics["nll_loss"]
             if mode == "train":
                 metrics.pop("loss")  # Trainer's own running mean of the optimised loss is the same number
+            else:
+                metrics.update(self._length_metrics(per_pair))
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}{k}": v for k, v in metrics.items()})
         self._per_pair[mode].clear()
         super().log(logs, start_time)  # adds the system readings
+
+    def _length_metrics(self, per_pair: dict[str, torch.Tensor]) -> dict[str, float | int]:
+        """Length-controlled metrics of one evaluation (the function ``dpolab evaluate`` uses); its
+        per-pair margins and lengths replace ``eval_pairs.jsonl``, so the last one is the final evaluation's."""
+        margins = per_pair["chosen_rewards"] - per_pair["rejected_rewards"]  # (N,)
+        lengths = {key: per_pair[key] for key in LENGTH_COLUMNS}
+        if self.run is not None and self.is_world_process_zero():
+            self.run.write_eval_pairs(pair_records(margins, lengths))
+        return length_metrics(margins, **lengths)
 
 
 @dataclass
@@ -159,11 +175,12 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
             model=prepared.model, args=args, optimizer_cls_and_kwargs=(
                 master_weight_optimizer(DpolabTrainer, args, prepared.model) if bf16_weights else None),
             train_dataset=prepared.datasets["train"], eval_dataset=prepared.datasets["eval"],
-            data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id, packed=prepared.packed),
+            data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id, packed=prepared.packed,
+                                             pair_keys=LENGTH_COLUMNS),
             processing_class=prepared.tokenizer,
             callbacks=[*trainer_callbacks, *sample_callbacks(config, run, prepared.tokenizer, prepared.datasets["eval"],
                                                              prepared.reference_info["reference_key"], config.beta)],
-            dpo_config=config, system_sampler=sampler)
+            dpo_config=config, run=run, system_sampler=sampler)
 
     return fit(run, config, make_trainer, tokenizer=prepared.tokenizer, datasets=prepared.datasets,
                resume=resume, callbacks=callbacks,

@@ -105,6 +105,14 @@ def bootstrap_intervals(margins: torch.Tensor, d: torch.Tensor, seed: int = 0, r
     return out
 
 
+def pair_records(margins: torch.Tensor, lengths: dict[str, torch.Tensor]) -> list[dict[str, float | int]]:
+    """One record per pair, in order: its margin and its answers' lengths (``lengths``: the four
+    (N,) tensors of :func:`length_metrics`, by name). What ``eval_pairs.jsonl`` holds."""
+    columns = {"margin": margins.double().tolist()}
+    columns.update({name: [int(x) for x in values.tolist()] for name, values in lengths.items()})
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
 def length_metrics(margins: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
                    chosen_chars: torch.Tensor, rejected_chars: torch.Tensor, seed: int = 0,
                    resamples: int = RESAMPLES) -> dict[str, float | int]:
