@@ -8,6 +8,7 @@ from typing import Any
 
 from dpolab.errors import RunFolderError
 from dpolab.runs import RunFolder, SweepFolder
+from dpolab.samples import LENGTH_METRICS, mean_lengths
 
 
 @dataclass
@@ -24,6 +25,8 @@ class TrialRecords:
     error: str | None = None
     is_best: bool = False
     samples: list[dict[str, Any]] = field(default_factory=list)  # the latest evaluation's (sample_prompts > 0)
+    eval_pairs: list[dict[str, Any]] = field(default_factory=list)  # final evaluation: margin, lengths per pair
+    sample_lengths: list[dict[str, Any]] = field(default_factory=list)  # per evaluation: step + mean sample tokens
 
     @property
     def finished(self) -> bool:
@@ -55,7 +58,19 @@ def _read_run(run: RunFolder, name: str, state: str) -> TrialRecords:
     record.eval = run.metrics("eval")
     record.system = run.system()
     record.samples = run.samples(step=-1)
+    record.eval_pairs = run.eval_pairs()
+    record.sample_lengths = _sample_lengths(run.samples())
     return record
+
+
+def _sample_lengths(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"step", "samples/policy_tokens", "samples/reference_tokens"}]`` per evaluation, in step
+    order (rows recorded before samples counted tokens are left out)."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        if all(key in row for key in LENGTH_METRICS):
+            by_step.setdefault(row["step"], []).append(row)
+    return [{"step": step, **mean_lengths(group)} for step, group in sorted(by_step.items())]
 
 
 def _sft_stage(trials: list[TrialRecords]) -> TrialRecords | None:
