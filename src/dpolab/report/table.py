@@ -51,7 +51,7 @@ def table_rows(trials: list[TrialRecords]) -> list[dict[str, str]]:
     return rows
 
 
-def _interval(ev: dict[str, Any], name: str) -> str:
+def with_interval(ev: dict[str, Any], name: str) -> str:
     """``0.612 [0.55, 0.67]``: a value with its bootstrap interval, "—" when not recorded."""
     if ev.get(name) is None:
         return "—"
@@ -60,7 +60,7 @@ def _interval(ev: dict[str, Any], name: str) -> str:
     return f"{ev[name]:.3f} [{ev[f'{name}_ci_low']:.2f}, {ev[f'{name}_ci_high']:.2f}]"
 
 
-def _stratum(ev: dict[str, Any], stratum: str) -> str:
+def with_pairs(ev: dict[str, Any], stratum: str) -> str:
     accuracy, pairs = ev.get(f"rewards/accuracies_{stratum}"), ev.get(f"length/pairs_{stratum}")
     return "—" if pairs is None else f"{_num(accuracy, '.3f')} ({pairs})"
 
@@ -75,14 +75,14 @@ def length_table_rows(trials: list[TrialRecords]) -> list[dict[str, str]]:
             continue
         rows.append({
             "trial": f"{BEST_MARK} {t.name}" if t.is_best else t.name,
-            "reward acc. [95% CI]": _interval(ev, "rewards/accuracies"),
-            "length-balanced acc. [95% CI]": _interval(ev, "rewards/accuracies_length_balanced"),
-            "acc. chosen longer (n)": _stratum(ev, "chosen_longer"),
-            "acc. chosen shorter (n)": _stratum(ev, "chosen_shorter"),
-            "acc. similar length (n)": _stratum(ev, "similar_length"),
-            "residual acc. [95% CI]": _interval(ev, "rewards/accuracies_length_residual"),
+            "reward acc. [95% CI]": with_interval(ev, "rewards/accuracies"),
+            "length-balanced acc. [95% CI]": with_interval(ev, "rewards/accuracies_length_balanced"),
+            "acc. chosen longer (n)": with_pairs(ev, "chosen_longer"),
+            "acc. chosen shorter (n)": with_pairs(ev, "chosen_shorter"),
+            "acc. similar length (n)": with_pairs(ev, "similar_length"),
+            "residual acc. [95% CI]": with_interval(ev, "rewards/accuracies_length_residual"),
             "Spearman ρ (margin, Δtokens)": _num(ev.get("length/margin_spearman"), "+.3f"),
-            "length-only baseline [95% CI]": _interval(ev, "length/chosen_longer"),
+            "length-only baseline [95% CI]": with_interval(ev, "length/chosen_longer"),
             "tokens chosen / rejected": f"{ev['length/chosen_tokens']:.1f} / {ev['length/rejected_tokens']:.1f}",
         })
     return rows
