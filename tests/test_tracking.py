@@ -111,6 +111,12 @@ def _wandb_history(run_dir: Path) -> list[dict]:
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
+def sample_lengths(run: RunFolder) -> dict[int, float]:
+    """Mean token length of the policy's samples per evaluation step, from samples.jsonl."""
+    steps = sorted({r["step"] for r in run.samples()})
+    return {s: sum(r["policy_tokens"] for r in run.samples(step=s)) / len(run.samples(step=s)) for s in steps}
+
+
 @pytest.mark.slow
 def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
@@ -151,6 +157,8 @@ def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
     table = json.loads(Path(client.download_artifacts(run_id, artifacts[-1], str(tmp_path))).read_text())
     policy_column = [row[table["columns"].index("policy")] for row in table["data"]]
     assert policy_column == [r["policy"] for r in run.samples(step=2)] and len(policy_column) == 2
+    drift = sample_lengths(run)
+    assert {m.step: m.value for m in client.get_metric_history(run_id, "eval_samples/policy_tokens")} == drift
 
     # W&B offline: the run lives in the run folder; its history holds the same eval loss.
     history = _wandb_history(run.path)
@@ -161,6 +169,7 @@ def test_mlflow_and_wandb_offline_match_local_records(tmp_path, monkeypatch):
     tables = {row["train/global_step"]: row for row in history if "samples._type" in row}
     assert sorted(tables) == [1, 2]
     assert all(t["samples._type"] == "table-file" and t["samples.nrows"] == 2 for t in tables.values())
+    assert {s: t["eval/samples/policy_tokens"] for s, t in tables.items()} == drift
 
 
 def test_tensorboard_and_trackio_match_local_records(tmp_path):
@@ -193,8 +202,13 @@ def test_tensorboard_and_trackio_match_local_records(tmp_path):
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in samples.Tensors("samples/text_summary")}
     assert sorted(texts) == [1, 2]
     assert all(row["prompt"].splitlines()[-1].replace("|", "\\|") in texts[row["step"]] for row in run.samples())
+    drift = sample_lengths(run)
+    assert {e.step: e.value for e in samples.Scalars("eval/samples/policy_tokens")} == pytest.approx(drift)
 
     with sqlite3.connect(run.path / "trackio" / "dpolab.db") as db:
         rows = [json.loads(metrics) for (metrics,) in db.execute("SELECT metrics FROM metrics ORDER BY id")]
     trackio_eval = {r["train/global_step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
     assert trackio_eval == pytest.approx(local_eval, rel=1e-6)
+    trackio_drift = {r["train/global_step"]: r["eval/samples/policy_tokens"] for r in rows
+                     if "eval/samples/policy_tokens" in r}
+    assert trackio_drift == drift

@@ -47,6 +47,7 @@ def sft_stage(config_path: Path, run_dir: Path) -> RunFolder:
 
 def run_demo(args: argparse.Namespace) -> int:
     from dpolab.errors import ConfigError
+    from dpolab.evaluate.cli import length_line
     from dpolab.report import write_report
     from dpolab.sweep.cli import print_sweep_result
     from dpolab.sweep.config import load_sweep_config
@@ -63,9 +64,16 @@ def run_demo(args: argparse.Namespace) -> int:
     report = write_report(sweep.path)
     print_sweep_result(sweep)
     best_eval = sweep.best_run().summary()["eval"]
+    baseline = best_eval.get("length/chosen_longer")
     print(f"\nheld-out pairs, best trial: eval loss {best_eval['loss']:.4f} | "
-          f"reward accuracy {best_eval['rewards/accuracies']:.3f} | reward margin {best_eval['rewards/margins']:.4f}")
+          f"reward accuracy {best_eval['rewards/accuracies']:.3f}"
+          + ("" if baseline is None else f" (length-only baseline {baseline:.3f})")
+          + f" | reward margin {best_eval['rewards/margins']:.4f}")
+    if baseline is not None:
+        print(length_line(best_eval))
     print("\n" + (report.parent / "table.md").read_text())
+    if (report.parent / "length_table.md").is_file():
+        print("Length-controlled evaluation (held-out pairs):\n" + (report.parent / "length_table.md").read_text())
     print(f"report:      {report}")
     print(f"demo took {time.perf_counter() - start:.0f} s. Next:\n"
           f"  dpolab serve {sweep.path}                  # chat with the best model in the browser\n"

@@ -139,6 +139,7 @@ class RunFolder(_RecordFolder):
     evaluation_dir = property(lambda self: self.path / "evaluation")  # written by `dpolab evaluate`
     adapter_dir = property(lambda self: self.path / "adapter")  # LoRA runs only: the PEFT adapter
     samples_path = property(lambda self: self.path / "samples.jsonl")  # only with sample_prompts > 0
+    eval_pairs_path = property(lambda self: self.path / "eval_pairs.jsonl")  # DPO: the latest evaluation's pairs
 
     @classmethod
     def is_run(cls, path: str | Path) -> bool:
@@ -211,6 +212,16 @@ class RunFolder(_RecordFolder):
     def append_samples(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             append_jsonl(self.samples_path, row)
+
+    def eval_pairs(self) -> list[dict[str, Any]]:
+        """Per held-out pair of the latest evaluation: margin and answer lengths ([] when not recorded)."""
+        return read_appended_jsonl(self.eval_pairs_path)
+
+    def write_eval_pairs(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``eval_pairs.jsonl`` with one evaluation's rows (atomically: a reader never sees two)."""
+        tmp = self.eval_pairs_path.with_name(f"{self.eval_pairs_path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.eval_pairs_path)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary_path, {"format": RUN_FORMAT, **summary})

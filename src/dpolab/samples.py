@@ -7,6 +7,9 @@ policy's answer, beta * (log pi(y|x) - log pi_ref(y|x)).
 
 Rows go to ``RUN/samples.jsonl`` and, as a table, to each active tracker: a W&B Table, an MLflow
 table artifact (``samples/step_NNNNNN.json``), TensorBoard text (``RUN/tensorboard/samples/``).
+Each row also counts the tokens of both answers; their means per evaluation (verbosity drift: does
+the policy grow wordier than its reference?) go to every tracker as ``eval/samples/policy_tokens``
+and ``eval/samples/reference_tokens`` (MLflow: ``eval_samples/...``) and into the report's plot.
 
 Scoring the policy's answer needs the reference: a LoRA policy disables its adapter for that (no
 second model); otherwise the frozen reference is loaded once, on the first evaluation.
@@ -40,6 +43,7 @@ from dpolab.stage_setup import StageSetup
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["step", "prompt", "policy", "reference", "reward"]
+LENGTH_METRICS = {"policy_tokens": "samples/policy_tokens", "reference_tokens": "samples/reference_tokens"}
 
 
 class SampleRecorder(TrainerCallback):
@@ -95,8 +99,17 @@ class SampleRecorder(TrainerCallback):
             answer = sample_answer(model, self.tokenizer, prompt_ids, self.seed + i, self.max_new_tokens)
             rows.append({"step": step, "index": i, "prompt": self.tokenizer.decode(prompt_ids),
                          "policy": answer, "reference": reference_answers[i],
-                         "reward": self.reward(model, prompt_ids, answer)})
+                         "reward": self.reward(model, prompt_ids, answer),
+                         "policy_tokens": self.answer_tokens(answer),
+                         "reference_tokens": self.answer_tokens(reference_answers[i])})
         return rows
+
+    def answer_tokens(self, answer: str) -> int:
+        """A sampled answer's length as the length metrics count it: its tokens as trained, the
+        appended EOS not counted (a chat template's end-of-turn token is)."""
+        if not answer:
+            return 0
+        return len(answer_ids(self.tokenizer, self.formatter, answer)) - (0 if self.formatter.is_chat else 1)
 
     def reference_model(self, model: torch.nn.Module):
         """(model, context) that computes the reference: the LoRA policy with its adapter off, or the
@@ -149,16 +162,27 @@ class SampleRecorder(TrainerCallback):
         return self.cache_dir / "samples" / f"{self.cache_key}-{digest}.json"
 
 
+def mean_lengths(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """One evaluation's mean sample lengths in tokens, ``{"samples/policy_tokens", "samples/reference_tokens"}``."""
+    return {name: sum(row[key] for row in rows) / len(rows) for key, name in LENGTH_METRICS.items()}
+
+
 def log_to_trackers(rows: list[dict[str, Any]], step: int, report_to: list[str], run_dir: Path) -> None:
-    """The rows as one table per evaluation in each active tracker."""
+    """The rows as one table per evaluation in each active tracker, and their mean lengths as metrics
+    named as the trackers name the evaluation's own (``eval/...``; MLflow ``eval_...``)."""
     data = [[row[c] for c in COLUMNS] for row in rows]
+    lengths = {f"eval/{name}": value for name, value in mean_lengths(rows).items()}
     wandb = sys.modules.get("wandb")
     if "wandb" in report_to and wandb is not None and wandb.run is not None:
         # transformers' W&B callback steps every metric by train/global_step: log the table the same way.
-        wandb.run.log({"samples": wandb.Table(columns=COLUMNS, data=data), "train/global_step": step})
+        wandb.run.log({"samples": wandb.Table(columns=COLUMNS, data=data), **lengths, "train/global_step": step})
     mlflow = sys.modules.get("mlflow")
     if "mlflow" in report_to and mlflow is not None and mlflow.active_run() is not None:
         mlflow.log_table({c: [row[c] for row in rows] for c in COLUMNS}, artifact_file=f"samples/step_{step:06d}.json")
+        mlflow.log_metrics({name.replace("/", "_", 1): value for name, value in lengths.items()}, step=step)
+    trackio = sys.modules.get("trackio")
+    if "trackio" in report_to and trackio is not None and trackio.context_vars.current_run.get() is not None:
+        trackio.log({**lengths, "train/global_step": step})
     if "tensorboard" in report_to:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -166,6 +190,8 @@ def log_to_trackers(rows: list[dict[str, Any]], step: int, report_to: list[str],
         log_dir = Path(os.environ.get("TENSORBOARD_LOGGING_DIR", run_dir / "tensorboard")) / "samples"
         with SummaryWriter(log_dir=str(log_dir)) as writer:
             writer.add_text("samples", markdown_table(data), step)
+            for name, value in lengths.items():
+                writer.add_scalar(name, value, step)
 
 
 def markdown_table(data: list[list[Any]]) -> str:

@@ -37,6 +37,9 @@ def test_conversations_are_rendered_with_the_chat_template(tmp_path, chat_model)
         row = by_prompt.pop(tuple(expected))
         assert row["chosen_ids"][-1] == end_of_turn == row["rejected_ids"][-1]
         assert tokenizer.decode(row["chosen_ids"]) == pair["chosen"].strip() + "<|im_end|>"
+        # Nothing is appended to a templated answer: its length counts every token, end of turn included.
+        assert row["chosen_tokens"] == len(row["chosen_ids"]) and row["rejected_tokens"] == len(row["rejected_ids"])
+        assert row["chosen_chars"] == len(pair["chosen"].strip())
     assert not by_prompt and report.kept["train"] == 11
 
 

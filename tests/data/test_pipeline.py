@@ -158,3 +158,19 @@ def test_tokenized_data_is_cached_by_content(tmp_path, tokenizer, caplog):
     assert again == key and "cache hit" in caplog.text
     write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD)] * 11)  # edited file: new key
     assert prepare_data(config, tokenizer)[2] != key
+
+
+def test_answer_lengths_leave_out_the_appended_eos(tmp_path, tokenizer):
+    """Token lengths are the answer's tokens as trained without the EOS the pipeline appends, also
+    when the answer was cut (and its EOS with it); characters are the answer text's."""
+    long_answer = " word" * 200
+    rows = [{"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello there!", "rejected": long_answer}] * 4
+    path = write_lines(tmp_path / "pairs.jsonl", [json.dumps(r) for r in rows])
+    datasets, report, _ = prepare_data(tiny_config(dataset=path, max_length=64, max_prompt_length=32,
+                                                   cache_dir=str(tmp_path)), tokenizer)
+    assert report.truncated["answer"] == 4
+    row = datasets["train"][0]
+    assert row["chosen_ids"][-1] == tokenizer.eos_token_id
+    assert row["chosen_tokens"] == 3  # " Hello", " there", "!"
+    assert row["rejected_tokens"] == 64 - len(row["prompt_ids"]) == len(row["rejected_ids"])  # cut: no EOS left
+    assert (row["chosen_chars"], row["rejected_chars"]) == (len("Hello there!"), len(long_answer.strip()))

@@ -29,9 +29,17 @@ def test_two_evaluations_write_two_times_n_rows(tmp_path):
     rewards = [r["reward"] for r in rows if r["reward"] is not None]
     assert rewards and any(abs(x) > 1e-6 for x in rewards)  # the policy moved away from its reference
     assert full.samples(step=-1) == rows[N:]
+    # Each answer's length in tokens, as the text it is (verbosity drift).
+    from dpolab.model import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-gpt2")
+    assert all(r["policy_tokens"] == len(tokenizer.encode(" " + r["policy"]) if r["policy"] else [])
+               and r["reference_tokens"] == len(tokenizer.encode(" " + r["reference"]) if r["reference"] else [])
+               for r in rows)
     # The report shows each trial's latest samples.
     page = write_report(full.path).read_text()
     assert "Samples (latest evaluation)" in page and all(html.escape(r["policy"]) in page for r in rows[N:])
+    assert (full.path / "report" / "sample_lengths.png").is_file() and "Verbosity drift" in page
 
     # LoRA, a fresh cache: its reference answers come from the base with the adapter disabled, and
     # equal the full run's (same base weights, same seeds).

@@ -93,3 +93,31 @@ def test_judge_that_is_not_a_model_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="not a loadable reward model"):
         RewardJudge(str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_training_and_evaluate_give_the_same_length_metrics(tiny_run, tmp_path, monkeypatch, capsys):
+    """One function computes the length-controlled metrics: the final evaluation of training (fp32)
+    and `dpolab evaluate` of the saved model agree on every one of them."""
+    from dpolab.cli import main
+
+    shutil.copytree(tiny_run.path, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "run", "--n-prompts", "0"]) == 0
+    printed = capsys.readouterr().out
+    pairs = json.loads((tmp_path / "run" / "evaluation" / "metrics.json").read_text())["pairs"]
+    final = RunFolder.open(tmp_path / "run").summary()["eval"]
+    keys = sorted(k for k in final if k.startswith(("length/", "rewards/accuracies_")))
+    assert {"length/chosen_longer", "length/chosen_tokens", "length/margin_spearman",
+            "rewards/accuracies_length_balanced_ci_high", "rewards/accuracies_length_residual",
+            "length/pairs_similar_length"} <= set(keys)
+    assert keys == sorted(k for k in pairs if k.startswith(("length/", "rewards/accuracies_")))
+    for key in keys:
+        assert pairs[key] == pytest.approx(final[key], abs=1e-5), key
+    assert f"length-only baseline {final['length/chosen_longer']:.3f}" in printed
+
+    # The final evaluation's per-pair record: its means are the logged means.
+    rows = RunFolder.open(tmp_path / "run").eval_pairs()
+    assert len(rows) == pairs["pairs"] == tiny_run.summary()["eval_pairs"]
+    assert sum(r["margin"] for r in rows) / len(rows) == pytest.approx(final["rewards/margins"], abs=1e-6)
+    assert sum(r["chosen_tokens"] for r in rows) / len(rows) == pytest.approx(final["length/chosen_tokens"])

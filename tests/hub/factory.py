@@ -9,15 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from dpolab.config import TrainConfig
 from dpolab.evaluate.generation import count_wins, win_rate_summary
 from dpolab.runs import RunFolder
+from dpolab.scoring.length import length_metrics
+
+# The length-controlled metrics of eight held-out pairs, as training's evaluation records them.
+LENGTH_EVAL = length_metrics(torch.tensor([0.31, -0.12, 0.05, 0.22, -0.4, 0.17, 0.09, -0.02]),
+                             torch.tensor([41, 12, 30, 25, 9, 33, 18, 20]), torch.tensor([20, 15, 30, 11, 27, 14, 23, 19]),
+                             torch.tensor([170, 50, 121, 99, 35, 140, 70, 83]), torch.tensor([81, 66, 118, 40, 111, 52, 95, 74]))
 
 EVALS = {
-    "trial-000": {"loss": 0.6812, "rewards/accuracies": 0.5625, "rewards/margins": 0.0213},
-    "trial-001": {"loss": 0.6543, "rewards/accuracies": 0.6875, "rewards/margins": 0.0731},
+    "trial-000": {**LENGTH_EVAL, "loss": 0.6812, "rewards/accuracies": 0.5625, "rewards/margins": 0.0213},
+    "trial-001": {**LENGTH_EVAL, "loss": 0.6543, "rewards/accuracies": 0.6875, "rewards/margins": 0.0731},
 }
 BETAS = {"trial-000": 0.1, "trial-001": 0.3}
 # Smallest valid PNG (1x1): the report's plots only need to be copied and linked.

@@ -26,7 +26,9 @@ def test_card_metadata_matches_the_run_records(sweep_export, hub_sweep):
 
     got = {r.metric_type: r.metric_value for r in data.eval_results}
     assert got == {"loss": summary["eval"]["loss"], "accuracy": summary["eval"]["rewards/accuracies"],
-                   "reward_margin": summary["eval"]["rewards/margins"], "win_rate": 0.7}
+                   "reward_margin": summary["eval"]["rewards/margins"], "win_rate": 0.7,
+                   "accuracy_length_balanced": summary["eval"]["rewards/accuracies_length_balanced"],
+                   "accuracy_length_baseline": summary["eval"]["length/chosen_longer"]}
     assert {r.dataset_type for r in data.eval_results} == {"Anthropic/hh-rlhf"}
     assert data.model_name == "trial-001"
 
@@ -40,8 +42,12 @@ def test_card_body_describes_training(sweep_export, hub_sweep):
     assert f"| pairs kept (train) | {report['kept']['train']} |" in body
     assert f"| pairs dropped (prompt mismatch) | {report['dropped']['prompt_mismatch']} |" in body
     assert f"| learning rate | {config['learning_rate']:.4g} |" in body
-    for section in ("## Sweep", "## Plots", "## Usage", "## Intended use and limitations", "## Citation"):
+    for section in ("## Sweep", "## Plots", "## Usage", "## Intended use and limitations", "## Citation",
+                    "### Length-controlled evaluation", "Length-controlled, on the same held-out pairs:"):
         assert section in body
+    evaluation = run.summary()["eval"]
+    assert (f"| length-only baseline (longer answer preferred) | {evaluation['length/chosen_longer']:.3f} "
+            f"[{evaluation['length/chosen_longer_ci_low']:.2f}, {evaluation['length/chosen_longer_ci_high']:.2f}] |") in body
     assert 'pipeline("text-generation"' in body and "dpolab serve" in body
     assert "arXiv:2204.05862" in body and "2305.18290" in body
     assert "can produce harmful" in body

@@ -14,7 +14,14 @@ from matplotlib.image import imread
 from dpolab.config import TrainConfig
 from dpolab.report import write_report
 from dpolab.report.collect import collect
-from dpolab.report.plots import plot_eval_loss, plot_rewards, plot_system, plot_train_loss
+from dpolab.report.plots import (
+    plot_eval_loss,
+    plot_length_scatter,
+    plot_rewards,
+    plot_sample_lengths,
+    plot_system,
+    plot_train_loss,
+)
 from dpolab.runs import RunFolder, SweepFolder, write_json
 
 TRIALS = {  # name: (learning rate, batch, weight decay, final eval loss, accuracy, margin)
@@ -162,3 +169,58 @@ def test_single_run_report_and_cli(tmp_path, capsys):
     assert (run_dir / "report" / "report.html").is_file()
     with pytest.raises(Exception, match="not a dpolab run or sweep"):
         write_report(tmp_path)
+
+
+def add_length_records(run: RunFolder, slope: float) -> list[dict]:
+    """What a DPO trial records for the length-controlled evaluation: per-pair margins and lengths,
+    the final eval's length metrics (computed from them) and samples with token counts."""
+    import torch
+
+    from dpolab.scoring.length import length_metrics, pair_records
+
+    chosen = torch.tensor([30, 12, 25, 8, 40, 16, 22, 19])
+    rejected = torch.tensor([10, 20, 25, 30, 12, 14, 28, 15])
+    margins = slope * (chosen - rejected).double() + torch.tensor([0.3, -0.2, 0.1, 0.2, -0.1, 0.4, -0.3, 0.05])
+    lengths = {"chosen_tokens": chosen, "rejected_tokens": rejected, "chosen_chars": chosen * 4,
+               "rejected_chars": rejected * 4}
+    run.write_eval_pairs(pair_records(margins, lengths))
+    summary = run.summary()
+    summary["eval"].update(length_metrics(margins, **lengths))
+    run.write_summary({k: v for k, v in summary.items() if k != "format"})
+    for step, policy in ((20, 10), (40, 18)):
+        run.append_samples([{"step": step, "index": i, "prompt": "p", "policy": "a", "reference": "b", "reward": 0.1,
+                             "policy_tokens": policy + i, "reference_tokens": 9} for i in range(2)])
+    return summary["eval"]
+
+
+def test_length_table_scatter_and_verbosity_drift(tmp_path):
+    sweep = make_sweep(tmp_path)
+    evals = {name: add_length_records(sweep.trial_run(name), slope)
+             for name, slope in (("lr5e-4-b6", 0.1), ("lr1e-3-b6", -0.05))}
+    data = collect(sweep.path)
+
+    scatter = plot_length_scatter(data.trials)
+    drawn = [ax for ax in scatter.axes if ax.collections]
+    assert len(drawn) == 2
+    for ax, name in zip(drawn, evals, strict=True):
+        check_labels(ax)
+        records = sweep.trial_run(name).eval_pairs()
+        assert np.allclose(ax.collections[0].get_offsets(),
+                           [[r["chosen_tokens"] - r["rejected_tokens"], r["margin"]] for r in records])
+        assert f"{evals[name]['length/margin_spearman']:+.2f}" in ax.get_title()
+    (ax,) = plot_sample_lengths(data.trials).axes
+    check_labels(ax)
+    policy_line = next(line for line in ax.get_lines() if line.get_label() == "lr5e-4-b6: policy")
+    assert list(policy_line.get_xdata()) == [20, 40] and list(policy_line.get_ydata()) == [10.5, 18.5]
+
+    report = write_report(sweep.path)
+    table = (sweep.report_dir / "length_table.md").read_text()
+    row = next(line for line in table.splitlines() if "lr5e-4-b6" in line)
+    ev = evals["lr5e-4-b6"]
+    expected = (f"{ev['rewards/accuracies_length_balanced']:.3f} [{ev['rewards/accuracies_length_balanced_ci_low']:.2f}, "
+                f"{ev['rewards/accuracies_length_balanced_ci_high']:.2f}]")
+    assert expected in row and f"{ev['length/chosen_longer']:.3f}" in row
+    assert "lr5e-4-b8" not in table  # recorded no length metrics
+    page = report.read_text()
+    assert "Length-controlled evaluation" in page and page.count("data:image/png;base64,") == 7
+    assert (sweep.report_dir / "length_scatter.png").is_file() and (sweep.report_dir / "sample_lengths.png").is_file()

@@ -130,3 +130,31 @@ def test_serve_subcommand_parses_and_fails_in_one_line(tmp_path):
     bad = parser.parse_args(["serve", str(tmp_path), "--port", "0"])
     with pytest.raises(RunFolderError):
         bad.func(bad)
+
+
+def test_experiments_page_shows_the_length_controlled_table(make_app, sweep_dir, tmp_path):
+    """A trial whose final evaluation has the length-controlled metrics gets a row in their table,
+    values and intervals from its summary.json; /api/model names the best one's baseline."""
+    import shutil
+
+    import torch
+
+    from dpolab.runs import RunFolder
+    from dpolab.scoring.length import length_metrics
+    from dpolab.serve.models import load_served_models
+
+    sweep = shutil.copytree(sweep_dir, tmp_path / "sweep")
+    trial = RunFolder(sweep / "trials" / "trial-001")
+    chosen, rejected = torch.tensor([30, 12, 25, 8, 40, 16]), torch.tensor([10, 20, 25, 30, 12, 14])
+    lengths = length_metrics(torch.tensor([0.4, -0.1, 0.2, 0.3, 0.5, -0.2]), chosen, rejected, chosen * 4, rejected * 4)
+    summary = {k: v for k, v in trial.summary().items() if k != "format"}
+    summary["eval"].update(lengths)
+    trial.write_summary(summary)
+    client = make_app(MODELS=load_served_models(str(sweep))).test_client()
+    html = client.get("/experiments").get_data(as_text=True)
+    balanced = (f"{lengths['rewards/accuracies_length_balanced']:.3f} [{lengths['rewards/accuracies_length_balanced_ci_low']:.2f}, "
+                f"{lengths['rewards/accuracies_length_balanced_ci_high']:.2f}]")
+    assert "Length-controlled evaluation" in html and balanced in html
+    assert f"<td>{lengths['length/chosen_longer']:.3f} [" in html
+    assert html.count("★ trial-001") == 2 and "trial-000</td>" not in html.split("Length-controlled evaluation")[1]
+    assert client.get("/api/model").json["eval"]["length/chosen_longer"] == lengths["length/chosen_longer"]

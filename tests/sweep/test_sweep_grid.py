@@ -147,3 +147,18 @@ def test_sweep_config_validation_and_yaml(tmp_path):
         load_sweep_config(write_sweep_yaml(tmp_path / "bad.yaml", trails=[]))
     for name in ("demo", "hh", "search"):
         assert load_sweep_config(f"configs/sweep-{name}.yaml").mode in ("grid", "search")
+
+
+@pytest.mark.slow
+def test_sweep_selects_by_length_balanced_accuracy(tmp_path):
+    """`objective: eval/rewards/accuracies_length_balanced` (maximize) from the sweep YAML: every trial
+    records it, and best.json names the trial with the highest."""
+    path = write_sweep_yaml(tmp_path / "sweep.yaml", base=tiny_base(tmp_path / "cache", max_eval_pairs=32),
+                            objective="eval/rewards/accuracies_length_balanced", direction="maximize",
+                            trials=[{"name": "lr1e-4", "learning_rate": 1e-4}, {"name": "lr1e-2", "learning_rate": 1e-2}])
+    sweep = run_sweep(load_sweep_config(path), tmp_path / "sweep")
+    values = {run.path.name: run.summary()["eval"]["rewards/accuracies_length_balanced"] for run in sweep.trials()}
+    assert set(values) == {"lr1e-4", "lr1e-2"}
+    best = sweep.best()
+    assert best["objective"] == "eval/rewards/accuracies_length_balanced"
+    assert best["value"] == max(values.values()) and values[best["trial"]] == best["value"]

@@ -18,8 +18,8 @@ from dpolab.data.templates import (
     hh_to_messages,
     resolve_formatter,
 )
-from dpolab.data.tokenize import truncate_pair
+from dpolab.data.tokenize import LENGTH_COLUMNS, truncate_pair
 
-__all__ = ["FORMATS", "DataReport", "Formatter", "bind_template", "data_cache_key",
+__all__ = ["FORMATS", "LENGTH_COLUMNS", "DataReport", "Formatter", "bind_template", "data_cache_key",
            "default_cache_dir", "hh_to_messages", "prepare_data", "prepare_eval_pairs", "read_jsonl", "resolve_formatter",
            "sample_path", "seeded_split", "to_pair", "truncate_pair"]

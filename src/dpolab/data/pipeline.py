@@ -31,7 +31,7 @@ from dpolab.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = "2"  # bump when reading, formatting, tokenization or truncation rules change
+CACHE_VERSION = "3"  # bump when reading, formatting, tokenization or truncation rules change
 BIG = 20_000  # rows from which tokenizing in several processes beats the cost of starting them
 MAP_BATCH = 1000
 WRITE_BATCH = 5000  # internal pairs per Arrow record batch

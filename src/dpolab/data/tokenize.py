@@ -11,6 +11,11 @@ memory holds one batch of ids, never the whole data set (results go to Arrow fil
 
 Truncation is the same for every format: the prompt loses its OLDEST tokens first (down to
 ``max_prompt_length``), then answers are cut at the end.
+
+Each pair also records its answers' lengths for the length-controlled metrics
+(:mod:`dpolab.scoring.length`): ``*_tokens``, the answer's tokens as trained without an appended
+EOS (a chat template's end-of-turn tokens are the answer's own, so they count), and ``*_chars``,
+the characters of the answer's text as the data gives it (surrounding whitespace stripped).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any
 
 from dpolab.data.templates import Formatter
 
-OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "length")
+LENGTH_COLUMNS = ("chosen_tokens", "rejected_tokens", "chosen_chars", "rejected_chars")
+OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "length",
+                  *LENGTH_COLUMNS)
 FLAG_COLUMNS = ("prompt_cut", "answer_cut")  # kept in the Arrow files, summed into the data report
 
 
@@ -68,8 +75,9 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def render_and_encode(batch: dict[str, list], tokenizer: Any, formatter: Formatter) -> dict[str, list]:
-    """Texts and untruncated ids of a batch of internal pairs (columns prompt, messages, chosen, rejected)."""
+def render_and_encode(batch: dict[str, list], tokenizer: Any, formatter: Formatter) -> dict[str, Any]:
+    """Texts and untruncated ids of a batch of internal pairs (columns prompt, messages, chosen, rejected),
+    and which rows had EOS appended to their answers (``eos_rows``: the text rows)."""
     n = len(batch["chosen"])
     texts: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
     chat_rows, text_rows = [], []
@@ -111,7 +119,7 @@ def render_and_encode(batch: dict[str, list], tokenizer: Any, formatter: Formatt
                 prompt_text = texts["prompt"][i]
                 texts[side][i] = whole[len(prompt_text):] if whole.startswith(prompt_text) else (
                     tokenizer.decode(ids[side][i]))
-    return {"texts": texts, "ids": ids}
+    return {"texts": texts, "ids": ids, "eos_rows": set(text_rows)}
 
 
 def answer_ids(tokenizer: Any, formatter: Formatter, answer: str) -> list[int]:
@@ -136,10 +144,16 @@ def tokenize_batch(batch: dict[str, list], tokenizer: Any, formatter: Formatter,
             ids["prompt"][i], ids["chosen"][i], ids["rejected"][i], max_length, max_prompt_length)
         if not chosen_ids or not rejected_ids:
             continue
+        # Answers are cut at the end: an appended EOS survives exactly when nothing was cut.
+        tokens = {side: len(kept) - (i in rendered["eos_rows"] and len(kept) == len(ids[side][i]))
+                  for side, kept in (("chosen", chosen_ids), ("rejected", rejected_ids))}
         for key, value in (("prompt", texts["prompt"][i]), ("chosen", texts["chosen"][i]),
                            ("rejected", texts["rejected"][i]), ("prompt_ids", prompt_ids),
                            ("chosen_ids", chosen_ids), ("rejected_ids", rejected_ids),
                            ("length", len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))),
+                           ("chosen_tokens", tokens["chosen"]), ("rejected_tokens", tokens["rejected"]),
+                           ("chosen_chars", len(batch["chosen"][i].strip())),
+                           ("rejected_chars", len(batch["rejected"][i].strip())),
                            ("prompt_cut", prompt_cut), ("answer_cut", answer_cut)):
             out[key].append(value)
     return out

@@ -21,7 +21,7 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from dpolab.config import TrainConfig
-from dpolab.data import default_cache_dir
+from dpolab.data import LENGTH_COLUMNS, default_cache_dir
 from dpolab.dpo.reference import add_reference_logps, load_reference
 from dpolab.dpo.trl_engine import train_trl
 from dpolab.errors import ConfigError
@@ -37,6 +37,7 @@ from dpolab.lora import add_adapters, uses_lora
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
 from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.scoring.length import length_metrics, pair_records
 from dpolab.scoring.logps import answer_lengths
 from dpolab.scoring.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.stage_setup import StageSetup, setup_stage
@@ -50,9 +51,10 @@ PER_PAIR_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_
 class DpolabTrainer(StageTrainer):
     """``Trainer`` whose loss is DPO on a batch of (2B, T) sequences with precomputed reference log-probs."""
 
-    def __init__(self, *args: Any, dpo_config: TrainConfig, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, dpo_config: TrainConfig, run: RunFolder | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dpo_config = dpo_config
+        self.run = run  # where each evaluation's per-pair margins and lengths go (eval_pairs.jsonl)
         self._per_pair: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                      "eval": defaultdict(list)}
 
@@ -74,6 +76,9 @@ class DpolabTrainer(StageTrainer):
                   policy_chosen_logps.detach(), policy_rejected_logps.detach())
         for key, value in zip((*PER_PAIR_KEYS, "chosen_lengths"), (*values, lengths["chosen_lengths"]), strict=True):
             self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(value).float().cpu())
+        if mode == "eval":  # the answers' lengths, for the length-controlled metrics
+            for key in LENGTH_COLUMNS:
+                self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(inputs[key]).cpu())
         loss = losses.mean()
         if self.dpo_config.rpo_alpha:
             loss = loss + self.dpo_config.rpo_alpha * chosen_nll(policy_chosen_logps, lengths["chosen_lengths"])
@@ -90,10 +95,21 @@ class DpolabTrainer(StageTrainer):
                 metrics["loss"] += self.dpo_config.rpo_alpha * metrics["nll_loss"]
             if mode == "train":
                 metrics.pop("loss")  # Trainer's own running mean of the optimised loss is the same number
+            else:
+                metrics.update(self._length_metrics(per_pair))
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}{k}": v for k, v in metrics.items()})
         self._per_pair[mode].clear()
         super().log(logs, start_time)  # adds the system readings
+
+    def _length_metrics(self, per_pair: dict[str, torch.Tensor]) -> dict[str, float | int]:
+        """Length-controlled metrics of one evaluation (the function ``dpolab evaluate`` uses); its
+        per-pair margins and lengths replace ``eval_pairs.jsonl``, so the last one is the final evaluation's."""
+        margins = per_pair["chosen_rewards"] - per_pair["rejected_rewards"]  # (N,)
+        lengths = {key: per_pair[key] for key in LENGTH_COLUMNS}
+        if self.run is not None and self.is_world_process_zero():
+            self.run.write_eval_pairs(pair_records(margins, lengths))
+        return length_metrics(margins, **lengths)
 
 
 @dataclass
@@ -160,11 +176,12 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         return DpolabTrainer(
             model=setup.model, args=args, optimizer_cls_and_kwargs=stage_optimizer(DpolabTrainer, args, setup),
             train_dataset=setup.datasets["train"], eval_dataset=setup.datasets["eval"],
-            data_collator=PreferenceCollator(setup.tokenizer.pad_token_id, packed=setup.packed),
+            data_collator=PreferenceCollator(setup.tokenizer.pad_token_id, packed=setup.packed,
+                                             pair_keys=LENGTH_COLUMNS),
             processing_class=setup.tokenizer,
             callbacks=[*trainer_callbacks, *sample_callbacks(config, run, setup, prepared.reference_info["reference_key"],
                                                              config.beta)],
-            dpo_config=config, system_sampler=sampler)
+            dpo_config=config, run=run, system_sampler=sampler)
 
     return fit(run, config, make_trainer, tokenizer=setup.tokenizer, datasets=setup.datasets,
                resume=resume, callbacks=callbacks,

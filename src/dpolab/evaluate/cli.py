@@ -48,6 +48,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     p = result["pairs"]
     print(f"held-out pairs ({p['pairs']}): eval loss {p['loss']:.4f} | reward accuracy {p['rewards/accuracies']:.3f} "
           f"| reward margin {p['rewards/margins']:.4f}")
+    print(length_line(p))
     print(f"log-probs chosen: policy {p['logps/chosen']:.2f} vs reference {p['logps/ref_chosen']:.2f}; "
           f"rejected: policy {p['logps/rejected']:.2f} vs reference {p['logps/ref_rejected']:.2f}")
     print(f"generations: {result['generation']['n_prompts']} prompts")
@@ -70,4 +71,19 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     p = result["pairs"]
     print(f"{args.dataset} ({p['pairs']} pairs): loss {p['loss']:.4f} | reward accuracy {p['rewards/accuracies']:.3f} "
           f"| reward margin {p['rewards/margins']:.4f}")
+    print(length_line(p))
     return 0
+
+
+def length_line(metrics: dict) -> str:
+    """The length-controlled numbers of a ``pairs`` block, for a reader (README: reading these numbers)."""
+    def interval(name: str) -> str:
+        if name not in metrics:
+            return "n/a"
+        if name + "_ci_low" not in metrics:
+            return f"{metrics[name]:.3f}"
+        return f"{metrics[name]:.3f} [{metrics[name + '_ci_low']:.3f}, {metrics[name + '_ci_high']:.3f}]"
+
+    return (f"length-balanced reward accuracy {interval('rewards/accuracies_length_balanced')} | "
+            f"length-only baseline {metrics['length/chosen_longer']:.3f} | "
+            f"residual accuracy {interval('rewards/accuracies_length_residual')}")

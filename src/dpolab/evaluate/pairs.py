@@ -1,6 +1,7 @@
 """Held-out pair metrics: eval loss, reward accuracy and margin, chosen/rejected log-probs of the
-policy against the reference - the same numbers (TRL names) training logs, recomputed from the
-saved model so any finished run (or an export's source run) can be scored again."""
+policy against the reference, and the length-controlled metrics - the same numbers (TRL names)
+training logs, recomputed from the saved model so any finished run (or an export's source run) can
+be scored again."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 import torch
 
 from dpolab.config import TrainConfig
-from dpolab.data import prepare_data
+from dpolab.data import LENGTH_COLUMNS, prepare_data
 from dpolab.scoring.collate import PreferenceCollator
+from dpolab.scoring.length import length_metrics
 from dpolab.scoring.loss import preference_loss, preference_metrics
 from dpolab.scoring.pairs import score_pairs
 
@@ -44,6 +46,8 @@ def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_datas
         "logps/rejected_minus_ref": (pol_rejected - ref_rejected).mean().item(),
         "pairs": len(eval_dataset),
     })
+    metrics.update(length_metrics(chosen_rewards - rejected_rewards,
+                                  **{key: torch.tensor(eval_dataset[key]) for key in LENGTH_COLUMNS}))
     return metrics
 
 

@@ -18,7 +18,14 @@ from dpolab.hh import HUB_ID as HH_RLHF
 from dpolab.hh import HUMAN, PROMPT_FORMAT, SAMPLE_NAME, SAMPLE_SUBSET, SAMPLING
 from dpolab.model import BUILTIN_MODELS
 from dpolab.report.collect import collect
-from dpolab.report.table import table_rows, to_markdown
+from dpolab.report.table import (
+    LENGTH_TABLE_COLUMNS,
+    length_table_rows,
+    table_rows,
+    to_markdown,
+    with_interval,
+    with_pairs,
+)
 from dpolab.runs import RunFolder, SweepFolder
 
 # Dataset sources that are HH-RLHF, and their subset.
@@ -45,6 +52,9 @@ EVAL_METRICS = [
     ("loss", "loss", "DPO eval loss"),
     ("rewards/accuracies", "accuracy", "Reward accuracy (chosen reward > rejected)"),
     ("rewards/margins", "reward_margin", "Reward margin (chosen - rejected)"),
+    ("rewards/accuracies_length_balanced", "accuracy_length_balanced",
+     "Length-balanced reward accuracy (mean of chosen-longer and chosen-shorter pairs)"),
+    ("length/chosen_longer", "accuracy_length_baseline", "Length-only baseline (the longer answer is preferred)"),
 ]
 
 
@@ -220,6 +230,29 @@ def _stages_text(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
             "frozen reference. The loss is computed on answer tokens only.", ""]
 
 
+def _length_text(evaluation: dict[str, Any]) -> list[str]:
+    """The length-controlled evaluation (``dpolab.scoring.length``), when the run recorded it."""
+    if "length/chosen_longer" not in evaluation:
+        return []
+    rows = [("reward accuracy", with_interval(evaluation, "rewards/accuracies")),
+            ("length-only baseline (longer answer preferred)", with_interval(evaluation, "length/chosen_longer")),
+            ("length-balanced reward accuracy", with_interval(evaluation, "rewards/accuracies_length_balanced")),
+            ("reward accuracy, chosen answer longer (pairs)", with_pairs(evaluation, "chosen_longer")),
+            ("reward accuracy, chosen answer shorter (pairs)", with_pairs(evaluation, "chosen_shorter")),
+            ("reward accuracy, lengths within 5 tokens (pairs)", with_pairs(evaluation, "similar_length")),
+            ("residual accuracy (margin above its fit on length)",
+             with_interval(evaluation, "rewards/accuracies_length_residual")),
+            ("Spearman rho, margin vs length difference", _fmt(evaluation.get("length/margin_spearman"))),
+            ("mean answer tokens, chosen / rejected",
+             f"{evaluation['length/chosen_tokens']:.1f} / {evaluation['length/rejected_tokens']:.1f}")]
+    return ["### Length-controlled evaluation", "",
+            "DPO can learn to prefer longer answers rather than better ones. The length-only baseline is the "
+            "accuracy of always preferring the answer with more tokens; the length-balanced accuracy averages "
+            "the reward accuracy over pairs whose chosen answer is longer and pairs whose chosen answer is "
+            "shorter, so a model that only learned length scores 0.5 on it. Brackets: 95% bootstrap intervals.", "",
+            "| metric | value |", "|---|---|", *[f"| {label} | {value} |" for label, value in rows], ""]
+
+
 def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_id: str | None,
               adapter_only: bool = False) -> str:
     info, config, summary = run.info(), run.config(), run.summary()
@@ -251,13 +284,15 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
     out += ["## Evaluation", "", "On the held-out preference pairs, after training:", "",
             "| metric | value |", "|---|---|"]
     labels = {"loss": "DPO eval loss", "accuracy": "reward accuracy", "reward_margin": "reward margin",
-              "win_rate": "win rate (generation eval)"}
+              "accuracy_length_balanced": "length-balanced reward accuracy",
+              "accuracy_length_baseline": "length-only baseline accuracy", "win_rate": "win rate (generation eval)"}
     out += [f"| {labels[key]} | {value:.4f} |" for key, value in metrics.items()]
     if "win_rate" not in metrics:
         out.append("\nNo generation win rate was measured for this run.")
     out += ["", "Reward accuracy is the fraction of pairs whose implicit reward "
             "beta * log(pi(y|x) / pi_ref(y|x)) ranks the chosen answer above the rejected one; the margin is "
             "the mean reward gap.", ""]
+    out += _length_text(summary.get("eval") or {})
     out += ["## Training procedure", "", *_stages_text(info, config)]
     if config.get("lora_r"):
         out += _lora_text(config, info.get("base_model", ""), adapter_only, model_ref)
@@ -268,7 +303,11 @@ def card_body(run: RunFolder, sweep: SweepFolder | None, plots: list[str], repo_
     if train.get("steps") is not None:
         out.append(f"| optimizer steps run | {train['steps']} |")
     if sweep is not None:
-        out += ["", "## Sweep", "", to_markdown(table_rows(collect(sweep.path).trials)).strip()]
+        trials = collect(sweep.path).trials
+        out += ["", "## Sweep", "", to_markdown(table_rows(trials)).strip()]
+        if length_table_rows(trials):
+            out += ["", "Length-controlled, on the same held-out pairs:", "",
+                    to_markdown(length_table_rows(trials), LENGTH_TABLE_COLUMNS).strip()]
     if plots:
         out += ["", "## Plots", ""]
         out += [f"![{Path(p).stem}]({p})" for p in plots]

@@ -22,5 +22,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     path = write_report(args.path, args.output_dir)
     print((path.parent / "table.md").read_text())
+    if (path.parent / "length_table.md").is_file():
+        print("Length-controlled evaluation (held-out pairs):\n" + (path.parent / "length_table.md").read_text())
     print(f"report: {path}")
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 
 from dpolab.errors import RunFolderError
 from dpolab.runs import RunFolder, SweepFolder
+from dpolab.samples import LENGTH_METRICS, mean_lengths
 
 
 @dataclass
@@ -25,6 +26,8 @@ class TrialRecords:
     is_best: bool = False
     samples: list[dict[str, Any]] = field(default_factory=list)  # the latest evaluation's (sample_prompts > 0)
     resolved: dict[str, Any] = field(default_factory=dict)  # run.json's resolved settings (dtype, device, ...)
+    eval_pairs: list[dict[str, Any]] = field(default_factory=list)  # final evaluation: margin, lengths per pair
+    sample_lengths: list[dict[str, Any]] = field(default_factory=list)  # per evaluation: step + mean sample tokens
 
     @property
     def finished(self) -> bool:
@@ -58,7 +61,19 @@ def _read_run(run: RunFolder, name: str, state: str) -> TrialRecords:
     record.samples = run.samples(step=-1)
     if run.identity_path.is_file():
         record.resolved = run.resolved()
+    record.eval_pairs = run.eval_pairs()
+    record.sample_lengths = _sample_lengths(run.samples())
     return record
+
+
+def _sample_lengths(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"step", "samples/policy_tokens", "samples/reference_tokens"}]`` per evaluation, in step
+    order (rows recorded before samples counted tokens are left out)."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        if all(key in row for key in LENGTH_METRICS):
+            by_step.setdefault(row["step"], []).append(row)
+    return [{"step": step, **mean_lengths(group)} for step, group in sorted(by_step.items())]
 
 
 def _sft_stage(trials: list[TrialRecords]) -> TrialRecords | None:

@@ -3,6 +3,9 @@ figure can be checked - lines, titles, labels - before it is saved)."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from matplotlib.figure import Figure
 
 from dpolab.report.collect import TrialRecords
@@ -115,12 +118,62 @@ def plot_system(trials: list[TrialRecords]) -> Figure:
     return fig
 
 
+def plot_length_scatter(trials: list[TrialRecords]) -> Figure:
+    """Per trial with per-pair records: reward margin against the answers' token-length difference on
+    the held-out pairs of the final evaluation, with the least-squares line the residual accuracy
+    is measured from. A model that learned length puts the points along a rising line."""
+    shown = [(i, t) for i, t in enumerate(trials) if t.eval_pairs]
+    columns = min(3, len(shown)) or 1
+    rows = math.ceil(len(shown) / columns) or 1
+    fig = Figure(figsize=(4.6 * columns, 4.0 * rows), dpi=110)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (i, t) in zip(axes, shown, strict=False):
+        d = np.array([p["chosen_tokens"] - p["rejected_tokens"] for p in t.eval_pairs], dtype=float)
+        margins = np.array([p["margin"] for p in t.eval_pairs], dtype=float)
+        ax.scatter(d, margins, s=10, alpha=0.6, color=color(i))
+        if np.ptp(d) > 0:
+            slope, intercept = np.polyfit(d, margins, 1)
+            xs = np.array([d.min(), d.max()])
+            ax.plot(xs, intercept + slope * xs, color="black", linewidth=1, label=f"fit: {slope:+.3g} per token")
+        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+        rho = ((t.summary or {}).get("eval") or {}).get("length/margin_spearman")
+        title = _label(t) + ("" if rho is None else f": Spearman ρ {rho:+.2f}")
+        _finish(fig, ax, title, "chosen − rejected answer tokens", "reward margin (β·nats)")
+    for ax in axes[len(shown):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_sample_lengths(trials: list[TrialRecords]) -> Figure:
+    """Mean token length of the policy's samples (solid) and the reference's (dashed) at each
+    evaluation (``--sample-prompts``): a policy that drifts into verbosity pulls away upwards."""
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for i, t in enumerate(trials):
+        if t.sample_lengths:
+            steps = [r["step"] for r in t.sample_lengths]
+            ax.plot(steps, [r["samples/policy_tokens"] for r in t.sample_lengths], color=color(i), marker="o",
+                    markersize=3, label=f"{_label(t)}: policy")
+            ax.plot(steps, [r["samples/reference_tokens"] for r in t.sample_lengths], color=color(i),
+                    linestyle="--", linewidth=1, label=f"{_label(t)}: reference")
+    ax.set_ylim(bottom=0)
+    _finish(fig, ax, "Verbosity drift: mean length of samples", "optimizer step", "mean answer length (tokens)")
+    fig.tight_layout()
+    return fig
+
+
 # What each chart shows: under it in report.html and on the web app's experiments page.
 CAPTIONS = {
     "loss.png": "Training loss vs optimizer step, every configuration.",
     "eval_loss.png": "Final eval loss per configuration (best outlined) and eval loss over training.",
     "rewards.png": "Reward margin and reward accuracy on held-out pairs at each evaluation.",
     "system.png": "System: GPU power when a GPU was present, else process CPU use.",
+    "length_scatter.png": "Reward margin against the answers' token-length difference (chosen − rejected) on "
+                          "each trial's held-out pairs at its final evaluation, with the least-squares line.",
+    "sample_lengths.png": "Verbosity drift: mean token length of the policy's samples (solid) and the "
+                          "reference's (dashed) on the same held-out prompts at each evaluation.",
 }
 
 CHARTS = {
@@ -128,4 +181,10 @@ CHARTS = {
     "eval_loss.png": plot_eval_loss,
     "rewards.png": plot_rewards,
     "system.png": plot_system,
+}
+
+# Charts drawn only when some trial recorded what they show: (plot, does this trial have it).
+RECORDED_CHARTS = {
+    "length_scatter.png": (plot_length_scatter, lambda t: bool(t.eval_pairs)),
+    "sample_lengths.png": (plot_sample_lengths, lambda t: bool(t.sample_lengths)),
 }

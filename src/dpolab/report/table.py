@@ -1,4 +1,6 @@
-"""The hyper-parameter table: one row per configuration, best row marked; Markdown, HTML and PNG."""
+"""The hyper-parameter table: one row per configuration, best row marked; Markdown, HTML and PNG.
+Beside it, the length-controlled table: what each configuration's reward accuracy is worth once
+the answers' lengths are accounted for (``dpolab.scoring.length``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from dpolab.report.collect import TrialRecords
 
 COLUMNS = ["trial", "lr", "batch", "weight decay", "epochs", "beta", "loss type", "dtype", "eval loss",
            "reward acc.", "reward margin", "wall time (s)", "pairs/s", "status"]
+LENGTH_TABLE_COLUMNS = ["trial", "reward acc. [95% CI]", "length-balanced acc. [95% CI]", "acc. chosen longer (n)",
+                       "acc. chosen shorter (n)", "acc. similar length (n)", "residual acc. [95% CI]",
+                       "Spearman ρ (margin, Δtokens)", "length-only baseline [95% CI]", "tokens chosen / rejected"]
 BEST_MARK = "★"
 
 
@@ -47,23 +52,60 @@ def table_rows(trials: list[TrialRecords]) -> list[dict[str, str]]:
     return rows
 
 
-def to_markdown(rows: list[dict[str, str]]) -> str:
+def with_interval(ev: dict[str, Any], name: str) -> str:
+    """``0.612 [0.55, 0.67]``: a value with its bootstrap interval, "—" when not recorded."""
+    if ev.get(name) is None:
+        return "—"
+    if ev.get(f"{name}_ci_low") is None:
+        return f"{ev[name]:.3f}"
+    return f"{ev[name]:.3f} [{ev[f'{name}_ci_low']:.2f}, {ev[f'{name}_ci_high']:.2f}]"
+
+
+def with_pairs(ev: dict[str, Any], stratum: str) -> str:
+    accuracy, pairs = ev.get(f"rewards/accuracies_{stratum}"), ev.get(f"length/pairs_{stratum}")
+    return "—" if pairs is None else f"{_num(accuracy, '.3f')} ({pairs})"
+
+
+def length_table_rows(trials: list[TrialRecords]) -> list[dict[str, str]]:
+    """The length-controlled metrics of each trial's final evaluation, formatted (trials that
+    recorded none - unfinished, SFT, TRL engine - are left out)."""
+    rows = []
+    for t in trials:
+        ev = (t.summary or {}).get("eval") or {}
+        if "length/chosen_longer" not in ev:
+            continue
+        rows.append({
+            "trial": f"{BEST_MARK} {t.name}" if t.is_best else t.name,
+            "reward acc. [95% CI]": with_interval(ev, "rewards/accuracies"),
+            "length-balanced acc. [95% CI]": with_interval(ev, "rewards/accuracies_length_balanced"),
+            "acc. chosen longer (n)": with_pairs(ev, "chosen_longer"),
+            "acc. chosen shorter (n)": with_pairs(ev, "chosen_shorter"),
+            "acc. similar length (n)": with_pairs(ev, "similar_length"),
+            "residual acc. [95% CI]": with_interval(ev, "rewards/accuracies_length_residual"),
+            "Spearman ρ (margin, Δtokens)": _num(ev.get("length/margin_spearman"), "+.3f"),
+            "length-only baseline [95% CI]": with_interval(ev, "length/chosen_longer"),
+            "tokens chosen / rejected": f"{ev['length/chosen_tokens']:.1f} / {ev['length/rejected_tokens']:.1f}",
+        })
+    return rows
+
+
+def to_markdown(rows: list[dict[str, str]], columns: list[str] = COLUMNS) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         best = row["trial"].startswith(BEST_MARK)
-        cells = [f"**{cell(row[c])}**" if best and c in ("trial", "eval loss") else cell(row[c]) for c in COLUMNS]
+        cells = [f"**{cell(row[c])}**" if best and c in ("trial", "eval loss") else cell(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{BEST_MARK} = best configuration (objective of the sweep).\n"
 
 
-def to_html(rows: list[dict[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+def to_html(rows: list[dict[str, str]], columns: list[str] = COLUMNS) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
         best = row["trial"].startswith(BEST_MARK)
-        cells = "".join(f"<td>{html.escape(row[c])}</td>" for c in COLUMNS)
+        cells = "".join(f"<td>{html.escape(row[c])}</td>" for c in columns)
         body.append(f'<tr class="best">{cells}</tr>' if best else f"<tr>{cells}</tr>")
     return (f'<table class="hp-table">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(body)
             + "\n</tbody>\n</table>\n")

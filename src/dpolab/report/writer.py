@@ -9,8 +9,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dpolab.report.collect import ReportData, collect
-from dpolab.report.plots import CAPTIONS, CHARTS, has_gpu_power
-from dpolab.report.table import table_figure, table_rows, to_html, to_markdown
+from dpolab.report.plots import CAPTIONS, CHARTS, RECORDED_CHARTS, has_gpu_power
+from dpolab.report.table import (
+    LENGTH_TABLE_COLUMNS,
+    length_table_rows,
+    table_figure,
+    table_rows,
+    to_html,
+    to_markdown,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +40,9 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write the report of a sweep or run folder into ``<folder>/report/``; return ``report.html``.
 
     Files: ``loss.png``, ``eval_loss.png``, ``rewards.png``, ``system.png``, ``table.md``,
-    ``table.html``, ``table.png`` and ``report.html`` (images embedded: opens from disk, alone).
+    ``table.html``, ``table.png`` and ``report.html`` (images embedded: opens from disk, alone); when
+    trials recorded them, ``length_table.md`` (length-controlled metrics), ``length_scatter.png``
+    (margin against length difference per trial) and ``sample_lengths.png`` (verbosity drift).
     """
     data = collect(path)
     out = Path(out_dir) if out_dir else data.folder.report_dir
@@ -43,6 +52,15 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
         fig = plot(data.trials)
         fig.savefig(out / name)
         images[name] = (out / name).read_bytes()
+    for name, (plot, recorded) in RECORDED_CHARTS.items():
+        (out / name).unlink(missing_ok=True)  # a chart of records that are gone must not linger
+        if any(recorded(t) for t in data.trials):
+            plot(data.trials).savefig(out / name)
+            images[name] = (out / name).read_bytes()
+    length_rows = length_table_rows(data.trials)
+    (out / "length_table.md").unlink(missing_ok=True)
+    if length_rows:
+        (out / "length_table.md").write_text(to_markdown(length_rows, LENGTH_TABLE_COLUMNS))
     rows = table_rows(data.trials)
     markdown = to_markdown(rows)
     (out / "table.md").write_text(markdown)
@@ -52,7 +70,8 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
         out / "table.png", bbox_inches="tight", pad_inches=0.25)
     images["table.png"] = (out / "table.png").read_bytes()
     report = out / "report.html"
-    report.write_text(render_html(data, table_html, images))
+    report.write_text(render_html(data, table_html, images, to_html(length_rows, LENGTH_TABLE_COLUMNS)
+                                  if length_rows else ""))
     logger.info("report written: %s", report)
     return report
 
@@ -91,7 +110,24 @@ def _samples_section(data: ReportData) -> str:
     return "<h2>Samples (latest evaluation)</h2>\n" + "\n".join(parts) + "\n" if parts else ""
 
 
-def render_html(data: ReportData, table_html: str, images: dict[str, bytes]) -> str:
+LENGTH_NOTE = (
+    "Length-controlled evaluation on the held-out pairs (final evaluation). The length-only baseline is the "
+    "accuracy of always preferring the answer with more tokens. Length-balanced accuracy averages the reward "
+    "accuracy over pairs whose chosen answer is longer and pairs whose chosen answer is shorter, so a model "
+    "that only learned \"longer is better\" scores 0.5 on it; residual accuracy is the share of pairs whose "
+    "margin is above its least-squares fit on the length difference. Brackets: 95% bootstrap intervals.")
+
+
+def _length_section(length_html: str, images: dict[str, bytes]) -> str:
+    if not length_html and not images:
+        return ""
+    figures = "".join(f"<figure>{_img(images[name], CAPTIONS[name])}<figcaption>{html.escape(CAPTIONS[name])}"
+                      f"</figcaption></figure>" for name in RECORDED_CHARTS if name in images)
+    table = f"<p class='meta'>{html.escape(LENGTH_NOTE)}</p>\n{length_html}" if length_html else ""
+    return f"<h2>Length-controlled evaluation</h2>\n{table}{figures}\n"
+
+
+def render_html(data: ReportData, table_html: str, images: dict[str, bytes], length_html: str = "") -> str:
     meta = []
     if data.kind == "sweep":
         info = data.info
@@ -124,7 +160,7 @@ def render_html(data: ReportData, table_html: str, images: dict[str, bytes]) -> 
 <p class="meta">★ = best configuration. Eval metrics are on held-out pairs at the end of training.</p>
 <h2>Charts</h2>
 {figures}
-{_samples_section(data)}<h2>Table as an image</h2>
+{_length_section(length_html, {n: images[n] for n in RECORDED_CHARTS if n in images})}{_samples_section(data)}<h2>Table as an image</h2>
 <figure>{_img(images["table.png"], "hyper-parameter table")}</figure>
 </body></html>
 """

@@ -48,13 +48,15 @@ class PreferenceCollator:
     Each example has ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (already truncated to the
     budget, EOS included) and optionally ``ref_chosen_logps`` / ``ref_rejected_logps``.
     ``answer_keys=("chosen_ids",)`` gives SFT's batch of B prompt + chosen sequences instead.
-    ``packed=True`` lays them out without padding (module docstring).
+    ``packed=True`` lays them out without padding (module docstring). ``pair_keys`` names per-pair
+    numbers passed through as (B,) tensors (the answers' lengths, for the length-controlled metrics).
     """
 
     pad_token_id: int
     answer_keys: tuple[str, ...] = ("chosen_ids", "rejected_ids")
     packed: bool = False
     row_tokens: int = PACKED_ROW_TOKENS  # packed rows' mean length: ceil(tokens / row_tokens) rows
+    pair_keys: tuple[str, ...] = ()
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences, answer_masks = [], []
@@ -71,6 +73,8 @@ class PreferenceCollator:
         if "ref_chosen_logps" in examples[0]:
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # (B,)
             batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # (B,)
+        for key in self.pair_keys:
+            batch[key] = torch.tensor([e[key] for e in examples])  # (B,)
         return batch
 
 

@@ -19,7 +19,8 @@ HYPERPARAMETERS = ("beta", "loss_type", "label_smoothing", "learning_rate", "per
                    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio",
                    "max_length", "max_prompt_length", "max_train_pairs", "seed")
 ADAPTER_CONFIG = "adapter_config.json"
-EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+             "rewards/accuracies_length_balanced", "length/chosen_longer")
 
 
 @dataclass

@@ -9,13 +9,13 @@ from flask import Blueprint, abort, render_template, send_from_directory
 
 from dpolab.report.collect import collect
 from dpolab.report.plots import CAPTIONS
-from dpolab.report.table import table_rows, to_html
+from dpolab.report.table import LENGTH_TABLE_COLUMNS, length_table_rows, table_rows, to_html
 from dpolab.runs import SweepFolder
 from dpolab.serve import jobs
 
 bp = Blueprint("ui", __name__)
 
-PLOT_ORDER = ("eval_loss.png", "rewards.png", "loss.png", "system.png")
+PLOT_ORDER = ("eval_loss.png", "rewards.png", "length_scatter.png", "sample_lengths.png", "loss.png", "system.png")
 
 
 @bp.get("/")
@@ -42,6 +42,8 @@ def experiments() -> Any:
     trials = collect(sweep.path).trials
     return render_template("ui/experiments.html", sweep=sweep.info(), images=images,
                            table_html=to_html(table_rows(trials)),
+                           length_html=to_html(length_table_rows(trials), LENGTH_TABLE_COLUMNS)
+                           if length_table_rows(trials) else None,
                            sampled_trials=[t for t in trials if t.samples],  # each trial's latest evaluation
                            captions=CAPTIONS, has_report=report.is_dir(),
                            full_report=(report / "report.html").is_file(), sweep_path=str(sweep_dir), loading=False)

@@ -77,8 +77,9 @@ class SweepConfig:
     n_trials: int = field(default=20, metadata=_doc(
         "(int, 20): search mode: trial budget of the whole study, all workers together."))
     objective: str = field(default="eval/loss", metadata=_doc(
-        "(str, 'eval/loss'): what to optimise: 'eval/<metric>' (final eval, e.g. eval/rewards/accuracies) "
-        "or a top-level summary.json number (e.g. pairs_per_s)."))
+        "(str, 'eval/loss'): what to optimise: 'eval/<metric>' (final eval, e.g. eval/rewards/accuracies, "
+        "or eval/rewards/accuracies_length_balanced with direction 'maximize' to judge configurations by what "
+        "they learned beyond answer length) or a top-level summary.json number (e.g. pairs_per_s)."))
     direction: Direction = field(default="minimize", metadata=_doc("(str, 'minimize'): or 'maximize'."))
     pruning: bool | None = field(default=None, metadata=_doc(
         "(bool | None, None): median pruning on intermediate eval values; None = on in search, off in "

@@ -34,7 +34,10 @@ def objective_value(summary: dict[str, Any], objective: str) -> float:
     """``eval/<metric>`` from the final eval, else a top-level number of summary.json."""
     source, key = (summary.get("eval", {}), objective[5:]) if objective.startswith("eval/") else (summary, objective)
     if key not in source:
-        raise KeyError(f"objective {objective!r} not in the run summary")
+        why = (" (length-controlled metrics come from the dpolab engine's DPO evaluation; an accuracy whose "
+               "length stratum has no held-out pairs is not recorded)" if key.startswith(("length/", "rewards/accuracies_"))
+               else "")
+        raise KeyError(f"objective {objective!r} not in the run summary{why}")
     return float(source[key])
 
 
