@@ -89,6 +89,8 @@ def test_adapter_only_export_keeps_the_adapter_and_names_its_base(lora_run, tiny
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "peft" and "lora" in card.data.tags
     assert "LoRA adapter only" in card.text and "`tiny-gpt2`" in card.text
+    # tiny-gpt2 is a built-in, not a Hub model: no snippet telling readers to download it.
+    assert 'from_pretrained("tiny-gpt2")' not in card.text and "**not on the Hub**" in card.text
     adapted = load_adapter_model(out, build_builtin("tiny-gpt2"))  # the export alone reproduces the run
     ids = torch.tensor([[50256, 464, 3290]])
     with torch.no_grad():

@@ -64,3 +64,19 @@ def test_bad_mix_specs(tokenizer):
         prepare_data(tiny_config(dataset="hh-rlhf-sample,other.jsonl:0.5"), tokenizer)
     with pytest.raises(ConfigError, match="must be > 0"):
         prepare_data(tiny_config(dataset="hh-rlhf-sample:0,other.jsonl:0.5"), tokenizer)
+
+
+@pytest.mark.parametrize(("name", "hub"), [
+    ("Anthropic/hh-rlhf", True), ("org/data.v2", True), ("data/pairs.jsonl", False), ("org/pairs.parquet", False),
+    ("data/sub/pairs", False), ("./data/pairs", False), ("/abs/pairs", False), ("~/pairs", False)])
+def test_only_org_name_is_looked_up_on_the_hub(name, hub):
+    """A name that can only be a local path (a data file's name, a deeper path) and does not exist
+    is a typo, said at once, not a Hub id whose retries take tens of seconds."""
+    from dpolab.data.sources import is_hub_dataset_id, kind
+
+    assert is_hub_dataset_id(name) is hub
+    if hub:
+        assert kind(name) == "hub"
+    else:
+        with pytest.raises(DataError, match=f"'{name}': no such file or folder"):
+            kind(name)

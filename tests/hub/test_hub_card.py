@@ -80,3 +80,19 @@ def test_summary_win_rate_reads_what_evaluate_writes(tmp_path):
     assert judged["win_rate"]["vs"] == "reference" and judged["win_rate"]["n"] == 5
     assert summary_win_rate(judged) == 0.7  # 3 wins and 1 tie in 5
     assert summary_win_rate(make_run(tmp_path / "plain", EVALS["trial-001"], with_model=False).summary()) is None
+
+
+@pytest.mark.parametrize(("dataset", "datasets", "index_type"), [
+    ("org/stack", ["org/stack"], "org/stack"),  # a Hub data set: named and indexed by its id
+    ("/data/prefs.jsonl:0.5,org/stack:0.5", ["org/stack"], None),  # a mix has no one id to index
+    ("/data/prefs.jsonl", None, None),  # local data: nothing for the Hub to link
+    ("hh-rlhf-sample:0.5,Anthropic/hh-rlhf:0.5", ["Anthropic/hh-rlhf"], "Anthropic/hh-rlhf")])
+def test_card_metadata_names_only_hub_datasets(tmp_path, dataset, datasets, index_type):
+    from tests.hub.factory import EVALS, make_run
+
+    run = make_run(tmp_path / "run", EVALS["trial-000"], with_model=False)
+    run.update_info(dataset=dataset)
+    data = card_data(run)
+    assert data.datasets == datasets
+    assert ([r.dataset_type for r in data.eval_results or []][:1] or [None]) == [index_type]
+    assert (data.license == "mit") is (index_type == "Anthropic/hh-rlhf")  # HH-RLHF on a built-in base only

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from dpolab.hh import SAMPLE_NAME
 
 LINE_FILES = (".jsonl", ".jsonl.gz")
 TABLE_FILES = {".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> datasets builder
+
+# ORG/NAME; a name that starts like a path (., /, ~) is not one.
+HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Row = tuple[str, Any]  # (location, a dict or the RowError/DataError text of a malformed row)
 
@@ -90,6 +94,11 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
 
 
+def is_hub_dataset_id(name: str) -> bool:
+    """``ORG/NAME`` as the Hub spells dataset ids; never a data file's name or a deeper path."""
+    return bool(HUB_DATASET_ID.match(name)) and not name.endswith(LINE_FILES + tuple(TABLE_FILES))
+
+
 def kind(name: str) -> str:
     """'sample', 'files', 'disk' (a save_to_disk folder) or 'hub'."""
     if name == SAMPLE_NAME:
@@ -97,9 +106,12 @@ def kind(name: str) -> str:
     path = Path(name)
     if path.exists():
         return "disk" if is_saved_dataset(path) else "files"
-    if "/" in name and not name.startswith((".", "/")):
+    if is_hub_dataset_id(name):
         return "hub"
-    raise DataError(f"dataset: {name!r} is not '{SAMPLE_NAME}', an existing file/folder, or a Hub id")
+    # Asking the Hub for what can only be a mistyped local path would spend its retries (tens of
+    # seconds) before failing.
+    raise DataError(f"dataset: {name!r} is not '{SAMPLE_NAME}', an existing file/folder, or a Hub id (ORG/NAME)"
+                    if "/" not in name else f"dataset: {name!r}: no such file or folder")
 
 
 def iter_jsonl(path: Path, skip_bad_rows: bool) -> Iterator[Row]:

@@ -58,15 +58,17 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def _commit_message(metadata: dict[str, Any]) -> str:
-    """'Upload DPO model RUN (eval loss 0.6543, reward accuracy 0.6875)': says what and how good."""
-    name = (metadata.get("model-index") or [{}])[0].get("name") or "model"
+    """'Upload DPO model RUN (eval loss 0.6543, reward accuracy 0.6875)': says what and how good
+    (an SFT export says SFT; a card without a model-index, trained on local data, names no metrics)."""
+    name = (metadata.get("model-index") or [{}])[0].get("name") or metadata.get("model_name") or "model"
+    stage = "SFT" if "sft" in (metadata.get("tags") or []) else "DPO"
     metrics = {m.get("type"): m.get("value")
                for entry in metadata.get("model-index") or [] for result in entry.get("results", [])
                for m in result.get("metrics", [])}
     parts = [f"{label} {metrics[key]:.4f}" for key, label in
              (("loss", "eval loss"), ("accuracy", "reward accuracy"), ("win_rate", "win rate"))
              if isinstance(metrics.get(key), int | float)]
-    return f"Upload DPO model {name}" + (f" ({', '.join(parts)})" if parts else "") + " with dpolab"
+    return f"Upload {stage} model {name}" + (f" ({', '.join(parts)})" if parts else "") + " with dpolab"
 
 
 def plan_push(path: str | Path, repo_id: str, private: bool = False) -> PushPlan:
