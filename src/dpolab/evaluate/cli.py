@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dpolab.hh import SAMPLING
-from dpolab.paths import path_or_name, user_path
+from dpolab.paths import dataset_path_or_name, path_or_name, user_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with 95%% intervals. Output: <run>/evaluation/.")
     ev.add_argument("path", type=path_or_name, metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder (its "
                     "best trial); with --dataset, any model: folder, run, export or Hub id")
-    ev.add_argument("--dataset", type=path_or_name, metavar="SOURCE", help="score PATH against --reference on every "
+    ev.add_argument("--dataset", type=dataset_path_or_name, metavar="SOURCE", help="score PATH against --reference on every "
                     "pair of SOURCE (any source and format `dpolab train` reads); writes OUTPUT_DIR/metrics.json")
     ev.add_argument("--reference", type=path_or_name, metavar="MODEL", help="the reference model (with --dataset)")
     ev.add_argument("--split", default="train", help="split of a Hub / save_to_disk --dataset (default train)")
