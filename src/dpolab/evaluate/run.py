@@ -8,12 +8,13 @@ With a judge, ``summary.json`` also gets ``win_rate`` (vs the reference) so the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from dpolab.config import TrainConfig
-from dpolab.errors import RunFolderError
+from dpolab.errors import ConfigError, RunFolderError
 from dpolab.evaluate.generation import RewardJudge, generate_answers, judge_rows, win_rate_summary
 from dpolab.evaluate.pairs import held_out_pairs, pair_metrics
 from dpolab.hh import SAMPLING
@@ -24,14 +25,16 @@ logger = logging.getLogger(__name__)
 
 def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, seed: int = 0,
              max_new_tokens: int = 64, temperature: float = SAMPLING["temperature"], top_p: float = SAMPLING["top_p"],
-             output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds."""
+             output_dir: str | Path | None = None, loss_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds.
+    ``loss_overrides``: TrainConfig loss fields scoring the pairs instead of the run's own."""
     from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device
 
     run = resolve_run(path)
     if not run.has_model():
         raise RunFolderError(f"{run.path}: no final model (training unfinished?)")
     config = TrainConfig.from_dict(run.config(), source=str(run.config_path))
+    config = dataclasses.replace(config, **(loss_overrides or {}))
     device = prepare_device(config.device)
     tokenizer = load_tokenizer(config.model)
     policy = load_model(str(run.model_dir)).to(device).eval()
@@ -68,11 +71,13 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
     return result
 
 
-def evaluate_model(model: str, reference: str, dataset: str, split: str = "train", beta: float = 0.1,
+def evaluate_model(model: str, reference: str | None, dataset: str, split: str = "train", beta: float = 0.1,
                    output_dir: str | Path = "evaluation", **data_options: Any) -> dict[str, Any]:
     """Score any model (folder, run, export or Hub id) against ``reference`` on every pair of
     ``dataset`` (any source and format training reads; ``split`` of a Hub / save_to_disk dataset).
     Rendered with the policy's tokenizer, whose chat template (if any) is how it was trained.
+    ``data_options`` are TrainConfig fields: the data's (format, columns) and the loss's (loss_type,
+    ld_alpha, ...); a reference-free loss needs no ``reference``.
     Writes ``OUTPUT_DIR/metrics.json`` (the same ``pairs`` metrics as a run's evaluation)."""
     from dpolab.data import prepare_eval_pairs
     from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device
@@ -83,13 +88,17 @@ def evaluate_model(model: str, reference: str, dataset: str, split: str = "train
         source = model
     else:
         source = str(run.model_dir)
-    config = TrainConfig(model=reference, dataset=dataset, split=split, beta=beta, **data_options)
+    config = TrainConfig(model=reference or source, dataset=dataset, split=split, beta=beta, **data_options)
+    if reference is None and not config.reference_free:
+        raise ConfigError("--dataset needs --reference MODEL (the model the rewards are measured against)")
     device = prepare_device(config.device)
     tokenizer = load_tokenizer(source)
     pairs, report = prepare_eval_pairs(config, tokenizer)
-    policy, ref = load_model(source).to(device).eval(), load_model(reference).to(device).eval()
+    policy = load_model(source).to(device).eval()
+    ref = None if config.reference_free else load_model(reference).to(device).eval()
     for loaded in (policy, ref):
-        disable_dropout(loaded)
+        if loaded is not None:
+            disable_dropout(loaded)
     result = {"model": model, "reference": reference, "dataset": dataset, "split": split,
               "pairs": pair_metrics(policy, ref, pairs, config, tokenizer.pad_token_id, device),
               "data_report": report.to_dict(), "generation": None, "judge": None}

@@ -120,9 +120,10 @@ def fill_caches(config: SweepConfig) -> list[dict[str, Any]]:
             train_config = TrainConfig.from_dict(value, source="sweep")
         except ConfigError:
             continue  # that trial will fail on its own, with this error
-        if train_config.stage == "sft":
-            continue  # SFT has no reference pass (its data cache fills with the first trial)
-        key = tuple(str(getattr(train_config, f)) for f in DATA_FIELDS)
+        if train_config.stage == "sft" or train_config.reference_free:
+            continue  # no reference pass (the data cache fills with the first trial)
+        # LD-DPO's reference pass also keeps each answer's tail: a cache of its own.
+        key = (*(str(getattr(train_config, f)) for f in DATA_FIELDS), train_config.ld_alpha is not None)
         if key in seen:
             continue
         start = time.perf_counter()
