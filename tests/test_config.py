@@ -37,7 +37,8 @@ def test_help_lists_every_field_with_type_default_and_meaning(capsys):
     (["--bta", "0.2"], "command line: unknown key 'bta' (did you mean 'beta'?)"),
     (["--beta", "x"], "argument --beta: invalid float value: 'x'"),
     (["--num-train-epochs", "true"], "invalid float value: 'true'"),
-    (["--loss-type", "kto"], "invalid choice: 'kto'"),
+    (["--loss-type", "sigmoid,kto"], "loss_type: unknown loss 'kto'"),
+    (["--f-divergence-type", "kl"], "invalid choice: 'kl'"),
 ])
 def test_bad_command_line_is_one_line_and_exit_2(argv, message, capsys):
     try:
@@ -70,16 +71,40 @@ def test_yaml_values_of_the_wrong_type_fail_naming_file_and_field(tmp_path, yaml
         load_config(path)
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("beta", -1.0, "beta must be > 0"),
-    ("loss_type", "kto", "loss_type must be one of"),
-    ("max_prompt_length", 600, "max_prompt_length .* must be smaller than max_length"),
-    ("report_to", ["neptune"], "unknown tracker 'neptune'"),
-    ("label_smoothing", 0.5, r"label_smoothing must be in \[0, 0.5\)"),
+@pytest.mark.parametrize(("values", "message"), [
+    ({"beta": -1.0}, "beta must be > 0"),
+    ({"max_prompt_length": 600}, "max_prompt_length .* must be smaller than max_length"),
+    ({"report_to": ["neptune"]}, "unknown tracker 'neptune'"),
+    ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
+    ({"loss_type": "kto"}, "loss_type: unknown loss 'kto'"),
+    ({"loss_weights": "1,x"}, "loss_weights must be comma-separated numbers"),
+    ({"loss_weights": "1,0.5"}, "loss_weights has 2 weights for 1 loss types"),
+    ({"loss_type": "sigmoid,sft", "rpo_alpha": 0.5}, "rpo_alpha is a shorthand for an 'sft' term"),
+    ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing needs a loss that reads it"),
+    ({"loss_type": "exo_pair"}, "'exo_pair' needs label_smoothing > 0"),
+    ({"loss_type": "sigmoid,bco_pair", "f_divergence_type": "js_divergence"},
+     "f_divergence_type 'js_divergence' needs loss types among"),
+    ({"loss_type": "aot", "use_weighting": True}, "use_weighting .* does not apply to 'aot'"),
+    ({"ld_alpha": 1.5}, r"ld_alpha must be in \[0, 1\]"),
+    ({"loss_type": "ipo", "rdpo_alpha": 0.1}, "rdpo_alpha .* loss_type needs 'sigmoid'"),
 ])
-def test_bad_values_fail_at_start(key, value, message):
+def test_bad_values_fail_at_start(values, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, {key: value})
+        load_config(None, values)
+
+
+def test_loss_type_one_or_several_from_yaml_list_string_or_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss_type: [sigmoid, bco_pair, sft]\nloss_weights: [0.8, 0.2, 1]\n")
+    config = load_config(path)
+    assert (config.loss_type, config.loss_weights) == ("sigmoid,bco_pair,sft", "0.8,0.2,1")  # one string: a
+    assert config.loss_terms == [("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]  # sweep can choose it
+    assert load_config(None, {"loss_type": "ipo, sft"}).loss_terms == [("ipo", 1.0), ("sft", 1.0)]
+    # --rpo-alpha stays a shorthand for an sft term of that weight
+    assert load_config(None, {"rpo_alpha": 0.5}).loss_terms == [("sigmoid", 1.0), ("sft", 0.5)]
+    assert load_config(None, {"loss_type": "simpo"}).reference_free
+    assert load_config(None, {"loss_type": "sft"}).reference_free
+    assert not load_config(None, {"loss_type": "simpo,sigmoid"}).reference_free
 
 
 def test_every_field_is_documented():

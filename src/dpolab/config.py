@@ -18,7 +18,19 @@ import yaml
 
 from dpolab.errors import ConfigError
 
-LossType = Literal["sigmoid", "ipo", "hinge"]
+# TRL 1.16 DPOTrainer's loss types, then dpolab's reference-free SimPO.
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = (*TRL_LOSS_TYPES, "simpo")
+# Terms whose value never reads the reference: a loss made of these only skips the reference pass.
+REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "sft"})
+# TRL 1.16: the f-DPO reparameterisation only holds where the loss reads the chosen-rejected difference.
+F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+LABEL_SMOOTHING_LOSS_TYPES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo"})
+# Fields that hold one or several comma-separated values (a YAML list is joined): a string, so a
+# sweep can search them as categorical choices and every table shows them as typed.
+COMMA_FIELDS = ("loss_type", "loss_weights")
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 Engine = Literal["dpolab", "trl"]
 Stage = Literal["dpo", "sft"]
 BatchLayout = Literal["auto", "packed", "padded"]
@@ -80,15 +92,50 @@ class TrainConfig:
         "(int, 256): the prompt is cut (oldest tokens first) down to this when a pair does not fit."))
 
     # -- the DPO objective ------------------------------------------------------------------
-    loss_type: LossType = field(default="sigmoid", metadata=_doc(
-        "(str, 'sigmoid'): 'sigmoid' (DPO, Eq. 7), 'ipo' or 'hinge'."))
+    loss_type: str = field(default="sigmoid", metadata=_doc(
+        "(str, 'sigmoid'): the loss, or several comma-separated (a YAML list works too) summed with "
+        "loss_weights. TRL 1.16 DPOTrainer's: 'sigmoid' (DPO, Eq. 7), 'hinge' (SLiC), 'ipo', 'exo_pair', "
+        "'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', "
+        "'discopop', 'sft' (chosen-token NLL), 'sigmoid_norm'; and 'simpo' (SimPO, reference-free; "
+        "set beta 2.0, the authors' default). RPO is 'sigmoid,sft'; MPO-style mixes e.g. "
+        "'sigmoid,bco_pair,sft'. A loss of 'simpo'/'sft' terms only skips the reference pass."))
+    loss_weights: str | None = field(default=None, metadata=_doc(
+        "(str | None, None): comma-separated weight of each loss_type term, e.g. '0.8,0.2,1.0'; None "
+        "weighs every term 1.0 (TRL's loss_weights)."))
     beta: float = field(default=0.1, metadata=_doc(
-        "(float, 0.1): strength of the KL constraint to the reference (IPO: its tau)."))
+        "(float, 0.1): strength of the KL constraint to the reference (IPO: its tau; SimPO: the reward "
+        "scale, 2.0 in the paper)."))
     label_smoothing: float = field(default=0.0, metadata=_doc(
-        "(float, 0.0): assumed label-flip probability (conservative DPO); sigmoid loss only, in [0, 0.5)."))
+        "(float, 0.0): assumed label-flip probability eps, in [0, 0.5): conservative DPO (cDPO) for "
+        "'sigmoid' (dpolab's; TRL 1.16 ignores it there), Robust DPO for 'robust', EXO's eps for "
+        "'exo_pair' (needs > 0; 1e-3 in the paper), and as in TRL for 'aot', 'aot_unpaired', 'simpo'."))
     rpo_alpha: float = field(default=0.0, metadata=_doc(
-        "(float, 0.0): weight of the chosen answers' mean per-token NLL added to the loss (RPO; TRL's "
-        "rpo_alpha, OpenRLHF's nll_loss_coef); logged as 'nll_loss'. 0 = plain DPO."))
+        "(float, 0.0): shorthand for an 'sft' term of this weight (RPO: loss_type 'sigmoid,sft' with "
+        "loss_weights '1,ALPHA'; OpenRLHF's nll_loss_coef): the chosen answers' mean per-token NLL. "
+        "0 = none. Logged as 'nll_loss'."))
+    ld_alpha: float | None = field(default=None, metadata=_doc(
+        "(float | None, None): LD-DPO: an answer's log-prob counts its first min(|y_w|, |y_l|) tokens "
+        "fully and the longer answer's remaining tokens times ld_alpha, in [0, 1] (1 = plain DPO, 0 = "
+        "the tail ignored); None = off."))
+    use_weighting: bool = field(default=False, metadata=_doc(
+        "(bool, False): WPO: weigh each pair's loss by the policy's length-normalised probability of "
+        "both answers (relative to its own sampling distribution); not with 'aot' / 'aot_unpaired'."))
+    f_divergence_type: FDivergence = field(default="reverse_kl", metadata=_doc(
+        "(str, 'reverse_kl'): f-DPO's divergence to the reference: 'reverse_kl' (DPO), 'forward_kl', "
+        "'js_divergence' or 'alpha_divergence'; other than 'reverse_kl' only with sigmoid, sigmoid_norm, "
+        "hinge, ipo, exo_pair, robust, discopop and sft terms."))
+    f_alpha_divergence_coef: float = field(default=0.5, metadata=_doc(
+        "(float, 0.5): the alpha of f_divergence_type 'alpha_divergence'."))
+    discopop_tau: float = field(default=0.05, metadata=_doc(
+        "(float, 0.05): DiscoPOP's temperature tau of the log-ratio modulation ('discopop'), > 0."))
+    rdpo_alpha: float = field(default=0.0, metadata=_doc(
+        "(float, 0.0): R-DPO (Park et al. 2024): alpha x (|y_w| - |y_l|) answer tokens added inside the "
+        "'sigmoid' term, so the part of a preference its length difference explains no longer pushes "
+        "the policy (alpha is per token: alpha x a typical length difference should be comparable to "
+        "beta x a log-ratio margin). 0 = off."))
+    simpo_gamma: float | None = field(default=None, metadata=_doc(
+        "(float | None, None): SimPO's target reward margin gamma ('simpo'); None = beta / 2, the "
+        "authors' gamma/beta = 0.5 (TRL's CPOConfig fixes 0.5 instead)."))
 
     # -- optimisation -----------------------------------------------------------------------
     learning_rate: float = field(default=5e-5, metadata=_doc("(float, 5e-5): peak AdamW learning rate."))
@@ -168,6 +215,8 @@ class TrainConfig:
         "~/.cache/dpolab."))
 
     def __post_init__(self) -> None:
+        for name in COMMA_FIELDS:
+            setattr(self, name, comma_joined(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -185,12 +234,9 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.rpo_alpha < 0:
             raise ConfigError(f"rpo_alpha must be >= 0, got {self.rpo_alpha!r}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError("label_smoothing is only defined for loss_type 'sigmoid'")
+        self._validate_loss()
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if not 0 <= self.warmup_ratio < 1:
@@ -229,6 +275,66 @@ class TrainConfig:
             if tracker not in known_trackers:
                 raise ConfigError(f"report_to: unknown tracker {tracker!r} (known: {sorted(known_trackers)})")
 
+    def _validate_loss(self) -> None:
+        names = self.loss_type.split(",") if self.loss_type else []
+        for name in names or [""]:
+            if name not in LOSS_TYPES:
+                raise ConfigError(f"loss_type: unknown loss {name!r}{did_you_mean(name, list(LOSS_TYPES))} "
+                                  f"(known: {', '.join(LOSS_TYPES)})")
+        if self.loss_weights is not None:
+            try:
+                weights = [float(w) for w in self.loss_weights.split(",")]
+            except ValueError:
+                raise ConfigError(f"loss_weights must be comma-separated numbers, got {self.loss_weights!r}") from None
+            if len(weights) != len(names):
+                raise ConfigError(f"loss_weights has {len(weights)} weights for {len(names)} loss types "
+                                  f"({self.loss_type!r})")
+        if self.rpo_alpha and "sft" in names:
+            raise ConfigError("rpo_alpha is a shorthand for an 'sft' term: give it in loss_type/loss_weights "
+                              "or as rpo_alpha, not both")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and not LABEL_SMOOTHING_LOSS_TYPES & set(names):
+            raise ConfigError(f"label_smoothing needs a loss that reads it: {', '.join(sorted(LABEL_SMOOTHING_LOSS_TYPES))}")
+        if "exo_pair" in names and not self.label_smoothing:
+            raise ConfigError("loss_type 'exo_pair' needs label_smoothing > 0 (EXO's eps; 1e-3 in the paper)")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ConfigError(f"ld_alpha must be in [0, 1] or null, got {self.ld_alpha!r}")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
+            raise ConfigError("use_weighting (WPO) does not apply to 'aot' / 'aot_unpaired': they sort the pairs")
+        if self.f_divergence_type != "reverse_kl" and not set(names) <= F_DIVERGENCE_LOSS_TYPES:
+            raise ConfigError(f"f_divergence_type {self.f_divergence_type!r} needs loss types among "
+                              f"{', '.join(sorted(F_DIVERGENCE_LOSS_TYPES))}; got {self.loss_type!r}")
+        if self.discopop_tau <= 0:
+            raise ConfigError(f"discopop_tau must be > 0, got {self.discopop_tau!r}")
+        if self.rdpo_alpha < 0:
+            raise ConfigError(f"rdpo_alpha must be >= 0, got {self.rdpo_alpha!r}")
+        if self.rdpo_alpha and "sigmoid" not in names:
+            raise ConfigError("rdpo_alpha (R-DPO) adds its length term to the 'sigmoid' loss: loss_type needs 'sigmoid'")
+        if self.simpo_gamma is not None and self.simpo_gamma < 0:
+            raise ConfigError(f"simpo_gamma must be >= 0 or null, got {self.simpo_gamma!r}")
+
+    @property
+    def loss_terms(self) -> list[tuple[str, float]]:
+        """``[(loss type, weight), ...]``: loss_type with loss_weights, plus rpo_alpha's 'sft' term."""
+        names = self.loss_type.split(",")
+        weights = [float(w) for w in self.loss_weights.split(",")] if self.loss_weights else [1.0] * len(names)
+        terms = list(zip(names, weights, strict=True))
+        return [*terms, ("sft", self.rpo_alpha)] if self.rpo_alpha else terms
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether no loss term reads the reference (SimPO, SFT): the reference pass is skipped."""
+        return all(name in REFERENCE_FREE_LOSS_TYPES for name, _ in self.loss_terms)
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`dpolab.scoring.loss.pair_losses` this config sets."""
+        return {"loss_terms": self.loss_terms, "beta": self.beta, "label_smoothing": self.label_smoothing,
+                "ld_alpha": self.ld_alpha, "use_weighting": self.use_weighting,
+                "f_divergence_type": self.f_divergence_type, "f_alpha_divergence_coef": self.f_alpha_divergence_coef,
+                "discopop_tau": self.discopop_tau, "rdpo_alpha": self.rdpo_alpha,
+                "simpo_gamma": self.beta / 2 if self.simpo_gamma is None else self.simpo_gamma}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -247,6 +353,7 @@ class TrainConfig:
         """``values`` with each checked against its field's type (``source`` names them in errors)."""
         cls.check_keys(values, source)
         hints = typing.get_type_hints(cls)
+        values = {key: comma_joined(value) if key in COMMA_FIELDS else value for key, value in values.items()}
         return {key: _check_type(key, value, hints[key], source) for key, value in values.items()}
 
     @classmethod
@@ -256,6 +363,14 @@ class TrainConfig:
         for key in values:
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(key, known)}")
+
+
+def comma_joined(value: Any) -> Any:
+    """A YAML / Python list of a comma field as its one-string form (``[sigmoid, sft]`` -> 'sigmoid,sft'),
+    spaces dropped; any other value as it is (the type check names a wrong one)."""
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        value = ",".join(str(v) for v in value)
+    return value.replace(" ", "") if isinstance(value, str) else value
 
 
 def did_you_mean(name: str, known: list[str]) -> str:

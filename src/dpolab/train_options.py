@@ -9,6 +9,9 @@ one not given keeps the YAML's value, else the field's default.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import typing
 from typing import Any
 
 from dpolab.config import TrainConfig
@@ -26,6 +29,28 @@ def config_options() -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest in fields:
             action.default = argparse.SUPPRESS
+    return parser
+
+
+# The fields of the preference objective: what `dpolab evaluate` and `dpolab sweep` take too.
+LOSS_FIELDS = ("loss_type", "loss_weights", "beta", "label_smoothing", "rpo_alpha", "ld_alpha", "use_weighting",
+               "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "rdpo_alpha", "simpo_gamma")
+
+
+def loss_options() -> argparse.ArgumentParser:
+    """A parent parser with the options of :data:`LOSS_FIELDS` only, built as :func:`config_options`
+    builds all of them (same types, choices and help); defaults suppressed likewise."""
+    from transformers import HfArgumentParser
+
+    parser = argparse.ArgumentParser(add_help=False)
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in LOSS_FIELDS:
+            field = copy.copy(field)  # HfArgumentParser narrows .type in place
+            field.type = hints[field.name]
+            HfArgumentParser._parse_dataclass_field(parser, field)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
     return parser
 
 

@@ -81,3 +81,35 @@ def test_bf16_head_accumulates_in_fp32():
         results[dtype] = (logps, *(g.float() for g in grads))
     for exact, rounded in zip(results[torch.float32], results[torch.bfloat16], strict=True):
         assert (rounded - exact).norm() / exact.norm() < 1e-2  # bf16 keeps ~3 significant digits
+
+
+def test_tail_and_wpo_statistics_match_full_logits_in_both_layouts():
+    """LD-DPO's tail sums (tokens beyond the pair's shared length) and WPO's sum of log p - log sum p^2,
+    from the answer-only head, padded and packed, equal the full-logits computation."""
+    from dpolab.scoring.logps import concatenated_stats
+
+    model = build_builtin("tiny-gpt2")
+    disable_dropout(model)
+    generator = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(0, 50257, (n,), generator=generator).tolist()
+
+    examples = [{"prompt_ids": ids(20), "chosen_ids": ids(7), "rejected_ids": ids(12)},
+                {"prompt_ids": ids(5), "chosen_ids": ids(30), "rejected_ids": ids(3)}]
+    padded = PreferenceCollator(50256)(examples)
+    logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, :-1]  # (4, T-1, V)
+    token_logps = logits.log_softmax(-1).gather(2, padded["input_ids"][:, 1:, None]).squeeze(2)  # (4, T-1)
+    log_sum_sq = torch.logsumexp(2 * logits.log_softmax(-1), -1)  # (4, T-1)
+    mask = padded["answer_mask"][:, 1:].bool()
+    position = mask.cumsum(1) - 1  # (4, T-1) index of each answer token within its answer
+    shared = torch.tensor([7, 3, 7, 3])[:, None]  # min(|y_w|, |y_l|) of pair 0, 1, repeated for rejected
+    expected = {"logps": (token_logps * mask).sum(1), "tail_logps": (token_logps * (mask & (position >= shared))).sum(1),
+                "aligned_logps": ((token_logps - log_sum_sq) * mask).sum(1)}
+    assert expected["tail_logps"].abs().min() == 0 and expected["tail_logps"].abs().max() > 10  # both kinds occur
+    for packed in (False, True):
+        got = concatenated_stats(model, PreferenceCollator(50256, packed=packed)(examples), chunk_size=16,
+                                 tails=True, aligned=True)
+        for key, value in expected.items():
+            both = torch.cat([got[f"chosen_{key}"], got[f"rejected_{key}"]])
+            assert torch.allclose(both, value, atol=1e-3), (packed, key, both, value)

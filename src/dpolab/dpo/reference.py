@@ -19,7 +19,7 @@ from datasets import DatasetDict
 from dpolab.errors import ConfigError
 from dpolab.model import load_frozen, weights_fingerprint
 from dpolab.scoring.collate import PreferenceCollator
-from dpolab.scoring.pairs import score_pairs
+from dpolab.scoring.pairs import score_pair_stats
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,18 @@ def add_reference_logps(
     collate: PreferenceCollator,
     batch_size: int,
     chunk_size: int,
+    tails: bool = False,
 ) -> tuple[DatasetDict, dict[str, object]]:
-    """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when possible.
+    """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when possible; with
+    ``tails`` (LD-DPO) also ``ref_chosen_tail_logps`` / ``ref_rejected_tail_logps``, the part of each
+    sum beyond the pair's shared length (cached in a file of their own: plain runs keep theirs).
 
     Returns the datasets and ``{"reference_cache": "hit"|"miss", "reference_time_s": float,
     "reference_key": str}`` for the run summary.
     """
     key = f"{weights_fingerprint(model)}-{data_key}"
-    path = cache_dir / "reference" / f"{key}.pt"
+    path = cache_dir / "reference" / f"{key}{'-tails' if tails else ''}.pt"
+    columns = ["chosen_logps", "rejected_logps", *(["chosen_tail_logps", "rejected_tail_logps"] if tails else [])]
     start = time.perf_counter()
     if path.exists():
         cached = torch.load(path)
@@ -57,17 +61,19 @@ def add_reference_logps(
         logger.info("reference log-probs: cache hit %s (reference pass skipped)", path)
     else:
         logger.info("reference log-probs: computing once with the frozen reference (cache miss)")
-        cached = {split: score_pairs(model, ds, collate, batch_size, chunk_size, desc=split)
-                  for split, ds in datasets.items()}
+        cached = {}
+        for split, ds in datasets.items():
+            scores = score_pair_stats(model, ds, collate, batch_size, chunk_size, desc=split, tails=tails)
+            cached[split] = tuple(scores[column] for column in columns)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         torch.save(cached, tmp)
         os.replace(tmp, path)  # atomic: parallel sweep workers may race here
         status = "miss"
     elapsed = time.perf_counter() - start
-    out = DatasetDict({
-        split: ds.add_column("ref_chosen_logps", cached[split][0].tolist())
-                 .add_column("ref_rejected_logps", cached[split][1].tolist())
-        for split, ds in datasets.items()
-    })
+    out = DatasetDict()
+    for split, ds in datasets.items():
+        for column, values in zip(columns, cached[split], strict=True):
+            ds = ds.add_column(f"ref_{column}", values.tolist())
+        out[split] = ds
     return out, {"reference_cache": status, "reference_time_s": round(elapsed, 3), "reference_key": key}

@@ -38,8 +38,8 @@ from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
 from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
 from dpolab.scoring.length import length_metrics, pair_records
-from dpolab.scoring.logps import answer_lengths
-from dpolab.scoring.loss import chosen_nll, preference_loss, preference_metrics
+from dpolab.scoring.logps import answer_lengths, concatenated_stats
+from dpolab.scoring.loss import chosen_nll, pair_losses, preference_metrics
 from dpolab.stage_setup import StageSetup, setup_stage
 from dpolab.tracking import SystemSampler
 
@@ -59,29 +59,30 @@ class DpolabTrainer(StageTrainer):
                                                                      "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy_chosen_logps, policy_rejected_logps = self.answer_logps(
-            model, inputs, self.dpo_config.logps_chunk_size).chunk(2)  # (B,), (B,): chosen stacked on rejected
+        config = self.dpo_config
+        # accelerate autocasts only the model's own forward and hands back fp32 outputs: without
+        # this context the answer-only head (applied after the forward) would run in fp32.
+        with self.accelerator.autocast():
+            policy = concatenated_stats(model, inputs, config.logps_chunk_size, tails=config.ld_alpha is not None,
+                                        aligned=config.use_weighting)  # (B,) each
         lengths = answer_lengths(inputs)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            policy_chosen_logps, policy_rejected_logps,
-            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
-            beta=self.dpo_config.beta, loss_type=self.dpo_config.loss_type,
-            label_smoothing=self.dpo_config.label_smoothing, **lengths)
+        # The cached reference pass's columns (none for a reference-free loss), named as the policy's.
+        reference = None if config.reference_free else {
+            key.removeprefix("ref_"): value for key, value in inputs.items() if key.startswith("ref_")}
+        out = pair_losses(policy, reference, **lengths, **config.loss_options())
         mode = "train" if model.training else "eval"
         if mode == "train":
-            self.pairs_seen += policy_chosen_logps.shape[0]
+            self.pairs_seen += lengths["chosen_lengths"].shape[0]
             self.tokens_seen += batch_tokens(inputs)
         # Gather per-pair values from every process so logged means cover the global batch.
-        values = (losses.detach(), chosen_rewards, rejected_rewards,
-                  policy_chosen_logps.detach(), policy_rejected_logps.detach())
-        for key, value in zip((*PER_PAIR_KEYS, "chosen_lengths"), (*values, lengths["chosen_lengths"]), strict=True):
-            self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(value).float().cpu())
+        values = {**out, "losses": out["losses"].detach(), "chosen_lengths": lengths["chosen_lengths"],
+                  "sft_chosen_logps": policy["chosen_logps"].detach()}  # the NLL reads the plain sums
+        for key in (*PER_PAIR_KEYS, "chosen_lengths", "sft_chosen_logps"):
+            self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(values[key]).float().cpu())
         if mode == "eval":  # the answers' lengths, for the length-controlled metrics
             for key in LENGTH_COLUMNS:
                 self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(inputs[key]).cpu())
-        loss = losses.mean()
-        if self.dpo_config.rpo_alpha:
-            loss = loss + self.dpo_config.rpo_alpha * chosen_nll(policy_chosen_logps, lengths["chosen_lengths"])
+        loss = out["losses"].mean()
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -89,10 +90,10 @@ class DpolabTrainer(StageTrainer):
         per_pair = {k: torch.cat(v) for k, v in self._per_pair[mode].items() if v}
         if per_pair:
             metrics = preference_metrics(*(per_pair[k] for k in PER_PAIR_KEYS))
-            if self.dpo_config.rpo_alpha:
-                # Over every chosen token logged since the last log (TRL's token mean, window-wide).
-                metrics["nll_loss"] = chosen_nll(per_pair["policy_chosen_logps"], per_pair["chosen_lengths"]).item()
-                metrics["loss"] += self.dpo_config.rpo_alpha * metrics["nll_loss"]
+            if any(name == "sft" for name, _ in self.dpo_config.loss_terms):
+                # Over every chosen token logged since the last log (TRL's token mean, window-wide);
+                # ``loss`` already holds each batch's own sft term, as TRL's does.
+                metrics["nll_loss"] = chosen_nll(per_pair["sft_chosen_logps"], per_pair["chosen_lengths"]).item()
             if mode == "train":
                 metrics.pop("loss")  # Trainer's own running mean of the optimised loss is the same number
             else:
@@ -135,20 +136,26 @@ def load_prepared(config: TrainConfig, recorded: dict[str, Any] | None = None) -
     ``recorded``: the resolved settings of a run being resumed (see :func:`setup_stage`)."""
     setup = setup_stage(config, recorded)
     model, settings = setup.model, setup.settings
-    target = next(model.parameters()).device
-    # A separate reference (ref_model) lives only for its one pass.
-    reference = load_reference(config.ref_model, model, target) if config.ref_model else model
-    reference_packed = setup.packed if reference is model else choose_packed(
-        "packed" if setup.packed else "padded", settings.device, reference)
-    datasets, reference_info = add_reference_logps(
-        reference, setup.datasets, settings.data_key, Path(config.cache_dir or default_cache_dir()),
-        PreferenceCollator(setup.tokenizer.pad_token_id, packed=reference_packed),
-        batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size)
-    del reference
-    setup.datasets = datasets
-    settings.reference = {"model": config.ref_model or config.model,
-                          "role": "ref_model" if config.ref_model else "starting model",
-                          "key": reference_info["reference_key"]}
+    if config.reference_free:  # SimPO / SFT terms only: no reference model, no reference pass
+        logger.info("loss %s reads no reference: reference pass skipped", config.loss_type)
+        reference_info = {"reference_cache": "none", "reference_time_s": 0.0, "reference_key": None,
+                          "reference_free": True}
+        settings.reference = {"model": None, "role": "none (reference-free loss)", "key": None}
+    else:
+        target = next(model.parameters()).device
+        # A separate reference (ref_model) lives only for its one pass.
+        reference = load_reference(config.ref_model, model, target) if config.ref_model else model
+        reference_packed = setup.packed if reference is model else choose_packed(
+            "packed" if setup.packed else "padded", settings.device, reference)
+        setup.datasets, reference_info = add_reference_logps(
+            reference, setup.datasets, settings.data_key, Path(config.cache_dir or default_cache_dir()),
+            PreferenceCollator(setup.tokenizer.pad_token_id, packed=reference_packed),
+            batch_size=config.per_device_eval_batch_size, chunk_size=config.logps_chunk_size,
+            tails=config.ld_alpha is not None)
+        del reference
+        settings.reference = {"model": config.ref_model or config.model,
+                              "role": "ref_model" if config.ref_model else "starting model",
+                              "key": reference_info["reference_key"]}
     if uses_lora(config):  # after the reference pass: it scored the base model, adapters are a no-op on it
         setup.model = add_adapters(model, config)
     return Prepared(setup, reference_info)

@@ -91,15 +91,25 @@ def dpo_config(config: TrainConfig, run: RunFolder, device: str, dtype: str, **o
     the same config must mean the same compute in both engines.
     """
     trl = import_trl()
-    if config.label_smoothing:
+    names = [name for name, _ in config.loss_terms]
+    if config.label_smoothing and "sigmoid" in names:
         raise ConfigError("engine 'trl': label_smoothing (cDPO) is not part of TRL 1.16's 'sigmoid' loss; "
                           "use engine 'dpolab' or set label_smoothing 0")
+    if "simpo" in names or config.rdpo_alpha:
+        raise ConfigError("engine 'trl': SimPO and R-DPO (rdpo_alpha) are not TRL 1.16 DPOTrainer losses; "
+                          "use engine 'dpolab'")
     kwargs = training_argument_kwargs(config, run, device, dtype)
     kwargs.update(
         beta=config.beta,
-        # TRL 1.16 has no rpo_alpha argument: RPO is its "sft" loss added with weight alpha.
-        loss_type=[config.loss_type, "sft"] if config.rpo_alpha else [config.loss_type],
-        loss_weights=[1.0, config.rpo_alpha] if config.rpo_alpha else None,
+        # TRL 1.16 has no rpo_alpha argument: RPO is its "sft" loss added with weight alpha (loss_terms).
+        loss_type=names,
+        loss_weights=[weight for _, weight in config.loss_terms],
+        label_smoothing=config.label_smoothing,
+        ld_alpha=config.ld_alpha,
+        use_weighting=config.use_weighting,
+        f_divergence_type=config.f_divergence_type,
+        f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+        discopop_tau=config.discopop_tau,
         max_length=config.max_length,
         precompute_ref_log_probs=False,
         disable_dropout=True,

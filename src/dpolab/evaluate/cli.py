@@ -6,22 +6,24 @@ import argparse
 
 from dpolab.hh import SAMPLING
 from dpolab.paths import dataset_path_or_name, path_or_name, user_path
+from dpolab.train_options import LOSS_FIELDS, loss_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
-        "evaluate", help="held-out metrics and generation eval of a trained run",
+        "evaluate", help="held-out metrics and generation eval of a trained run", parents=[loss_options()],
         description="Score a run (or a sweep's best trial) on its held-out pairs (eval loss, reward "
         "accuracy and margin, log-probs of policy vs reference), generate answers of policy and reference "
         "for N held-out prompts (seeded sampling, saved side by side), and with --judge compute win rates "
-        "with 95%% intervals. Output: <run>/evaluation/.")
+        "with 95%% intervals. Output: <run>/evaluation/. The loss options (--loss-type, --beta, ...) "
+        "default to the run's own (with --dataset: to train's defaults).")
     ev.add_argument("path", type=path_or_name, metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder (its "
                     "best trial); with --dataset, any model: folder, run, export or Hub id")
     ev.add_argument("--dataset", type=dataset_path_or_name, metavar="SOURCE", help="score PATH against --reference on every "
                     "pair of SOURCE (any source and format `dpolab train` reads); writes OUTPUT_DIR/metrics.json")
-    ev.add_argument("--reference", type=path_or_name, metavar="MODEL", help="the reference model (with --dataset)")
+    ev.add_argument("--reference", type=path_or_name, metavar="MODEL", help="the reference model (with --dataset; "
+                    "not needed by a reference-free --loss-type such as simpo)")
     ev.add_argument("--split", default="train", help="split of a Hub / save_to_disk --dataset (default train)")
-    ev.add_argument("--beta", type=float, default=0.1, help="DPO beta of the metrics (with --dataset)")
     ev.add_argument("--data-format", default="auto", help="force the row format (with --dataset)")
     ev.add_argument("--columns", help="column mapping prompt=COL,chosen=COL,rejected=COL (with --dataset)")
     ev.add_argument("--n-prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
@@ -44,13 +46,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_model(args)
     result = evaluate(args.path, n_prompts=args.n_prompts, judge=args.judge, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      output_dir=args.output_dir)
+                      output_dir=args.output_dir, loss_overrides=_loss_overrides(args))
     p = result["pairs"]
     print(f"held-out pairs ({p['pairs']}): eval loss {p['loss']:.4f} | reward accuracy {p['rewards/accuracies']:.3f} "
           f"| reward margin {p['rewards/margins']:.4f}")
     print(length_line(p))
-    print(f"log-probs chosen: policy {p['logps/chosen']:.2f} vs reference {p['logps/ref_chosen']:.2f}; "
-          f"rejected: policy {p['logps/rejected']:.2f} vs reference {p['logps/ref_rejected']:.2f}")
+    if "logps/ref_chosen" in p:  # a reference-free loss scores no reference
+        print(f"log-probs chosen: policy {p['logps/chosen']:.2f} vs reference {p['logps/ref_chosen']:.2f}; "
+              f"rejected: policy {p['logps/rejected']:.2f} vs reference {p['logps/ref_rejected']:.2f}")
     print(f"generations: {result['generation']['n_prompts']} prompts")
     if result["judge"]:
         for key, label in (("vs_reference", "reference"), ("vs_chosen", "dataset's chosen answer")):
@@ -59,15 +62,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loss_overrides(args: argparse.Namespace) -> dict:
+    """The loss options given on the command line (argparse-typed)."""
+    return {name: getattr(args, name) for name in LOSS_FIELDS if hasattr(args, name)}
+
+
 def _evaluate_model(args: argparse.Namespace) -> int:
-    from dpolab.errors import ConfigError
     from dpolab.evaluate.run import evaluate_model
 
-    if not args.reference:
-        raise ConfigError("--dataset needs --reference MODEL (the model the rewards are measured against)")
-    result = evaluate_model(args.path, args.reference, args.dataset, split=args.split, beta=args.beta,
+    result = evaluate_model(args.path, args.reference, args.dataset, split=args.split,
                             output_dir=args.output_dir or "evaluation", data_format=args.data_format,
-                            columns=args.columns)
+                            columns=args.columns, **_loss_overrides(args))
     p = result["pairs"]
     print(f"{args.dataset} ({p['pairs']} pairs): loss {p['loss']:.4f} | reward accuracy {p['rewards/accuracies']:.3f} "
           f"| reward margin {p['rewards/margins']:.4f}")

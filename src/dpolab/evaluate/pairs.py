@@ -14,39 +14,46 @@ from dpolab.config import TrainConfig
 from dpolab.data import LENGTH_COLUMNS, prepare_data
 from dpolab.scoring.collate import PreferenceCollator
 from dpolab.scoring.length import length_metrics
-from dpolab.scoring.loss import preference_loss, preference_metrics
-from dpolab.scoring.pairs import score_pairs
+from dpolab.scoring.loss import pair_losses, preference_metrics
+from dpolab.scoring.pairs import score_pair_stats
 
 logger = logging.getLogger(__name__)
 
 
-def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module, eval_dataset, config: TrainConfig,
+def pair_metrics(policy: torch.nn.Module, reference: torch.nn.Module | None, eval_dataset, config: TrainConfig,
                  pad_token_id: int, packed: bool) -> dict[str, Any]:
     """Metrics of ``policy`` vs ``reference`` on ``eval_dataset`` (tokenized held-out pairs), scored
-    in packed or padded batches."""
+    in packed or padded batches, under the config's loss (every option training has). ``reference``
+    is not scored (and may be None) when the loss is reference-free. The pairs form one batch for
+    the batch-level terms (``sft``'s token mean, ``aot``'s sorting), as TRL's evaluation does when
+    they fit one eval batch."""
     collate = PreferenceCollator(pad_token_id, packed=packed)
 
-    def scores(model: torch.nn.Module, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return score_pairs(model, eval_dataset, collate, config.per_device_eval_batch_size, config.logps_chunk_size,
-                           desc=desc)
+    def scores(model: torch.nn.Module, desc: str, aligned: bool = False) -> dict[str, torch.Tensor]:
+        return score_pair_stats(model, eval_dataset, collate, config.per_device_eval_batch_size,
+                                config.logps_chunk_size, desc=desc, tails=config.ld_alpha is not None, aligned=aligned)
 
-    ref_chosen, ref_rejected = scores(reference, "reference")
-    pol_chosen, pol_rejected = scores(policy, "policy")
+    ref = None if config.reference_free else scores(reference, "reference")
+    pol = scores(policy, "policy", aligned=config.use_weighting)
     lengths = {f"{side}_lengths": torch.tensor([len(ids) for ids in eval_dataset[f"{side}_ids"]], dtype=torch.float32)
-               for side in ("chosen", "rejected")}  # (B,) answer tokens, for IPO
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss_type,
-        label_smoothing=config.label_smoothing, **lengths)
-    metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, pol_chosen, pol_rejected)
-    metrics.update({
-        "logps/ref_chosen": ref_chosen.mean().item(),
-        "logps/ref_rejected": ref_rejected.mean().item(),
-        # How far the policy moved each answer's log-prob from the reference (nats, mean per pair).
-        "logps/chosen_minus_ref": (pol_chosen - ref_chosen).mean().item(),
-        "logps/rejected_minus_ref": (pol_rejected - ref_rejected).mean().item(),
-        "pairs": len(eval_dataset),
-    })
-    metrics.update(length_metrics(chosen_rewards - rejected_rewards,
+               for side in ("chosen", "rejected")}  # (B,) answer tokens
+    out = pair_losses(pol, ref, **lengths, **config.loss_options())
+    metrics = preference_metrics(out["losses"], out["chosen_rewards"], out["rejected_rewards"],
+                                 out["policy_chosen_logps"], out["policy_rejected_logps"])
+    if ref is None:
+        metrics["reference_free"] = True
+    else:
+        ref_chosen, ref_rejected = ref["chosen_logps"], ref["rejected_logps"]
+        pol_chosen, pol_rejected = pol["chosen_logps"], pol["rejected_logps"]
+        metrics.update({
+            "logps/ref_chosen": ref_chosen.mean().item(),
+            "logps/ref_rejected": ref_rejected.mean().item(),
+            # How far the policy moved each answer's log-prob from the reference (nats, mean per pair).
+            "logps/chosen_minus_ref": (pol_chosen - ref_chosen).mean().item(),
+            "logps/rejected_minus_ref": (pol_rejected - ref_rejected).mean().item(),
+        })
+    metrics["pairs"] = len(eval_dataset)
+    metrics.update(length_metrics(out["chosen_rewards"] - out["rejected_rewards"],
                                   **{key: torch.tensor(eval_dataset[key]) for key in LENGTH_COLUMNS}))
     return metrics
 

@@ -8,6 +8,7 @@ With a judge, ``summary.json`` also gets ``win_rate`` (vs the reference) so the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_eval_pairs
-from dpolab.errors import RunFolderError
+from dpolab.errors import ConfigError, RunFolderError
 from dpolab.evaluate.generation import RewardJudge, generate_answers, judge_rows, win_rate_summary
 from dpolab.evaluate.pairs import held_out_pairs, pair_metrics
 from dpolab.hh import SAMPLING
@@ -30,22 +31,25 @@ logger = logging.getLogger(__name__)
 
 def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, seed: int = 0,
              max_new_tokens: int = 64, temperature: float = SAMPLING["temperature"], top_p: float = SAMPLING["top_p"],
-             output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds."""
+             output_dir: str | Path | None = None, loss_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the run at ``path`` (a sweep folder: its best trial). Returns what metrics.json holds.
+    ``loss_overrides``: TrainConfig loss fields scoring the pairs instead of the run's own."""
     run = resolve_run(path)
     if not run.has_model():
         raise RunFolderError(f"{run.path}: no final model (training unfinished?)")
     config = TrainConfig.from_dict(run.config(), source=str(run.config_path))
+    config = dataclasses.replace(config, **(loss_overrides or {}))
     recorded = run.resolved()
     # The run's own record says what it was: its reference, precision and batch layout, and the
     # tokenizer saved with its model carries the chat template it trained with.
-    reference_name = run.reference_model() or config.model
+    reference_name = None if config.reference_free else (run.reference_model() or config.model)
     device = prepare_device(recorded.get("device", config.device))
     dtype = recorded.get("dtype", "fp32")
     tokenizer = load_tokenizer(str(run.model_dir))
     # CPU bf16 runs trained (and scored their reference) with bf16 weights: evaluate the same way.
     weights = torch.bfloat16 if uses_bf16_weights(device, dtype) else torch.float32
-    policy, reference = (load_frozen(name, device, weights) for name in (str(run.model_dir), reference_name))
+    policy = load_frozen(str(run.model_dir), device, weights)
+    reference = None if reference_name is None else load_frozen(reference_name, device, weights)
     eval_dataset, data_key = held_out_pairs(config, tokenizer)
     if recorded.get("data_key") and data_key != recorded["data_key"]:
         logger.warning("the held-out data differs from what %s trained on (data key %s, recorded %s): "
@@ -81,11 +85,13 @@ def evaluate(path: str | Path, n_prompts: int = 16, judge: str | None = None, se
     return result
 
 
-def evaluate_model(model: str, reference: str, dataset: str, split: str = "train", beta: float = 0.1,
+def evaluate_model(model: str, reference: str | None, dataset: str, split: str = "train", beta: float = 0.1,
                    output_dir: str | Path = "evaluation", **data_options: Any) -> dict[str, Any]:
     """Score any model (folder, run, export or Hub id) against ``reference`` on every pair of
     ``dataset`` (any source and format training reads; ``split`` of a Hub / save_to_disk dataset).
     Rendered with the policy's tokenizer, whose chat template (if any) is how it was trained.
+    ``data_options`` are TrainConfig fields: the data's (format, columns) and the loss's (loss_type,
+    ld_alpha, ...); a reference-free loss needs no ``reference``.
     Writes ``OUTPUT_DIR/metrics.json`` (the same ``pairs`` metrics as a run's evaluation)."""
     try:
         run = resolve_run(model)
@@ -93,12 +99,15 @@ def evaluate_model(model: str, reference: str, dataset: str, split: str = "train
         source = model
     else:
         source = str(run.model_dir)
-    config = TrainConfig(model=reference, dataset=dataset, split=split, beta=beta, **data_options)
+    config = TrainConfig(model=reference or source, dataset=dataset, split=split, beta=beta, **data_options)
+    if reference is None and not config.reference_free:
+        raise ConfigError("--dataset needs --reference MODEL (the model the rewards are measured against)")
     device = prepare_device(config.device)
     tokenizer = load_tokenizer(source)
     pairs, report = prepare_eval_pairs(config, tokenizer)
-    policy, ref = load_frozen(source, device), load_frozen(reference, device)
-    packed = all(choose_packed(config.batch_layout, device, m) for m in (policy, ref))
+    policy = load_frozen(source, device)
+    ref = None if config.reference_free else load_frozen(reference, device)
+    packed = all(choose_packed(config.batch_layout, device, m) for m in (policy, ref) if m is not None)
     result = {"model": model, "reference": reference, "dataset": dataset, "split": split,
               "pairs": pair_metrics(policy, ref, pairs, config, tokenizer.pad_token_id, packed),
               "data_report": report.to_dict(), "generation": None, "judge": None}

@@ -46,7 +46,8 @@ class PreferenceCollator:
     """Collates tokenized pairs into one batch of 2B sequences (chosen first, then rejected).
 
     Each example has ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (already truncated to the
-    budget, EOS included) and optionally ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    budget, EOS included) and optionally ``ref_chosen_logps`` / ``ref_rejected_logps`` (and any
+    other ``ref_*`` per-pair number, e.g. LD-DPO's ``ref_chosen_tail_logps``), passed through as (B,).
     ``answer_keys=("chosen_ids",)`` gives SFT's batch of B prompt + chosen sequences instead.
     ``packed=True`` lays them out without padding (module docstring). ``pair_keys`` names per-pair
     numbers passed through as (B,) tensors (the answers' lengths, for the length-controlled metrics).
@@ -70,9 +71,9 @@ class PreferenceCollator:
         else:
             batch = pad(sequences, answer_masks, self.pad_token_id)
         batch["answer_lengths"] = torch.stack([mask.sum() for mask in answer_masks])  # (S,)
-        if "ref_chosen_logps" in examples[0]:
-            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # (B,)
-            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # (B,)
+        for key in examples[0]:
+            if key.startswith("ref_"):  # ref_chosen_logps, ref_rejected_logps (+ LD-DPO's ref_*_tail_logps)
+                batch[key] = torch.tensor([e[key] for e in examples])  # (B,)
         for key in self.pair_keys:
             batch[key] = torch.tensor([e[key] for e in examples])  # (B,)
         return batch

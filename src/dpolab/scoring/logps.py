@@ -18,27 +18,35 @@ import torch
 
 
 class _AnswerTokenLogProbs(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[target] per row, chunked; backward recomputes each chunk."""
+    """log softmax(hidden @ weight.T)[target] per row, chunked; backward recomputes each chunk.
+
+    With ``sum_sq`` it also returns log sum_v p(v)^2 per row (WPO's weights; no gradient), else an
+    empty tensor: the default path does no extra work.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, sum_sq):
         # hidden (N, H), weight (V, H), targets (N,)
         n_tokens = hidden.shape[0]
         token_logps = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
         logsumexp = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
+        log_sum_sq = torch.empty(n_tokens if sum_sq else 0, dtype=torch.float32, device=hidden.device)  # (N,) or (0,)
         weight_c = weight.to(compute_dtype)
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             logits = (hidden[start:end].to(compute_dtype) @ weight_c.T).float()  # (n, V)
             logsumexp[start:end] = torch.logsumexp(logits, dim=-1)
             token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
+            if sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+                log_sum_sq[start:end] = torch.logsumexp(logits.mul_(2), dim=-1) - 2 * logsumexp[start:end]
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.chunk_size = chunk_size
         ctx.compute_dtype = compute_dtype
-        return token_logps
+        ctx.mark_non_differentiable(log_sum_sq)
+        return token_logps, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_token_logps):  # (N,)
+    def backward(ctx, grad_token_logps, _grad_log_sum_sq):  # (N,)
         hidden, weight, targets, logsumexp = ctx.saved_tensors
         weight_c = weight.to(ctx.compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -61,7 +69,7 @@ class _AnswerTokenLogProbs(torch.autograd.Function):
                 # bf16/fp16: the matmul units' fast path (products accumulated in fp32 inside the
                 # kernel, rounded once per chunk), summed over chunks in fp32.
                 grad_weight.add_(grad_logits.T @ hidden_c)  # (V, H)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def answer_token_logps(
@@ -78,13 +86,22 @@ def answer_token_logps(
 
     Returns: (N,) float32 log-probs.
     """
+    return answer_token_stats(hidden, lm_head_weight, targets, chunk_size)[0]
+
+
+def answer_token_stats(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128,
+    sum_sq: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`answer_token_logps` (N,) and, with ``sum_sq``, each row's log sum_v p(v)^2 (N,)
+    without gradient (WPO's weights), from the same chunks; without it an empty tensor."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = hidden.dtype
     with torch.autocast(device_type=device_type, enabled=False):
-        return _AnswerTokenLogProbs.apply(hidden, lm_head_weight, targets, chunk_size, compute_dtype)
+        return _AnswerTokenLogProbs.apply(hidden, lm_head_weight, targets, chunk_size, compute_dtype, sum_sq)
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128) -> torch.Tensor:
@@ -99,6 +116,19 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_si
 
     Returns: (S,) float32 sum over answer tokens of log pi(token | tokens before it).
     """
+    return batch_answer_stats(model, batch, chunk_size)["logps"]
+
+
+def batch_answer_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128,
+                       tails: bool = False, aligned: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`batch_logps`'s ``logps`` (S,), plus per-sequence statistics some losses need, from
+    the same per-token log-probs (still no (R, L, V) logits):
+
+    * ``tail_logps`` (S,), with ``tails`` (LD-DPO): the part of ``logps`` beyond the pair's shared
+      length min(|y_w|, |y_l|); the batch must be B chosen then B rejected sequences.
+    * ``aligned_logps`` (S,), with ``aligned`` (WPO), no gradient: the sum over answer tokens of
+      log p(token) - log sum_v p(v)^2.
+    """
     layout = ({"position_ids": batch["position_ids"]} if "position_ids" in batch
               else {"attention_mask": batch["attention_mask"]})
     # logits_to_keep=1: the model's own head runs on one position only; we take the final
@@ -111,9 +141,35 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_si
     answer_hidden = hidden[:, :-1][target_mask]  # (N, H)
     targets = batch["input_ids"][:, 1:][target_mask]  # (N,)
     with gathered_output_weight(model) as lm_head:  # (V, H)
-        token_logps = answer_token_logps(answer_hidden, lm_head, targets, chunk_size)  # (N,)
+        token_logps, log_sum_sq = answer_token_stats(answer_hidden, lm_head, targets, chunk_size, aligned)  # (N,)
     num_sequences = batch["answer_lengths"].shape[0]
-    return torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
+
+    def per_sequence(values: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:  # (N,) -> (S,)
+        index = rows if where is None else rows[where]
+        values = values if where is None else values[where]
+        return torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device).index_add(0, index, values)
+
+    stats = {"logps": per_sequence(token_logps)}
+    if tails:
+        stats["tail_logps"] = per_sequence(token_logps, tail_token_mask(rows, batch["answer_lengths"]))
+    if aligned:
+        stats["aligned_logps"] = per_sequence(token_logps.detach() - log_sum_sq)
+    return stats
+
+
+def tail_token_mask(rows: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
+    """(N,) whether each answer token lies beyond its pair's shared length min(|y_w|, |y_l|).
+
+    Args:
+        rows: (N,) the sequence of each answer token, in layout order (a sequence's tokens are
+            consecutive there, padded or packed); sequences 0..B-1 chosen, B..2B-1 rejected.
+        answer_lengths: (2B,) answer tokens per sequence.
+    """
+    chosen_lengths, rejected_lengths = answer_lengths.chunk(2)
+    shared = torch.minimum(chosen_lengths, rejected_lengths).repeat(2)  # (2B,)
+    order = torch.arange(rows.shape[0], device=rows.device)  # (N,)
+    first = torch.full_like(shared, rows.shape[0]).scatter_reduce(0, rows, order, reduce="amin")  # (2B,)
+    return order - first[rows] >= shared[rows]  # position inside its answer >= shared length
 
 
 def sequence_logps(
@@ -146,6 +202,15 @@ def concatenated_forward(
     Returns: chosen_logps (B,), rejected_logps (B,).
     """
     return batch_logps(model, batch, chunk_size).chunk(2)
+
+
+def concatenated_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128,
+                       tails: bool = False, aligned: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`concatenated_forward` with :func:`batch_answer_stats`' extras: ``chosen_logps``,
+    ``rejected_logps`` (B,) and, as asked, ``chosen_tail_logps`` ... ``rejected_aligned_logps`` (B,)."""
+    stats = batch_answer_stats(model, batch, chunk_size, tails, aligned)
+    return {f"{side}_{key}": value for key, both in stats.items() for side, value in zip(("chosen", "rejected"),
+                                                                                           both.chunk(2), strict=True)}
 
 
 def answer_lengths(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

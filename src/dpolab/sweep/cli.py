@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 
 from dpolab.paths import resolve_config_paths, user_path
+from dpolab.train_options import LOSS_FIELDS, loss_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     sweep = subparsers.add_parser(
-        "sweep", help="hyper-parameter sweep (grid or Optuna TPE search)",
+        "sweep", help="hyper-parameter sweep (grid or Optuna TPE search)", parents=[loss_options()],
         description="Run a sweep from configs/sweep-*.yaml. Re-running the same command resumes it "
         "(finished trials are skipped, interrupted ones rerun). Several workers, on several machines, "
         "share one study with --storage postgresql://...: create it once with --create-only, then "
-        "start the workers with the same command without it.")
+        "start the workers with the same command without it. The loss options (--loss-type, --beta, "
+        "...) set the sweep's base; a trial, grid or search space naming the field still wins.")
     sweep.add_argument("--config", type=user_path, help="sweep YAML (default: the original project's 3-row table)")
     sweep.add_argument("--output-dir", type=user_path, help="sweep folder (default: runs/<config name or 'sweep'>)")
     sweep.add_argument("--storage", help="Optuna RDB URL shared by workers (default: sqlite file study.db "
@@ -34,7 +36,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     overrides = {"n_trials": args.n_trials} if args.n_trials else {}
     config = load_sweep_config(args.config, overrides)
-    config.base = resolve_config_paths(config.base)
+    config.base = resolve_config_paths({**config.base, **{k: getattr(args, k) for k in LOSS_FIELDS if hasattr(args, k)}})
     config.trials = [resolve_config_paths(trial) for trial in config.trials]
     output_dir = args.output_dir or user_path(f"runs/{args.config.stem if args.config else 'sweep'}")
     if args.create_only:

@@ -120,12 +120,14 @@ def fill_caches(config: SweepConfig) -> list[dict[str, Any]]:
             train_config = TrainConfig.from_dict(value, source="sweep")
         except ConfigError:
             continue  # that trial will fail on its own, with this error
-        if train_config.stage == "sft":
-            continue  # SFT has no reference pass (its data cache fills with the first trial)
+        if train_config.stage == "sft" or train_config.reference_free:
+            continue  # no reference pass (the data cache fills with the first trial)
         # What the reference pass's cache key depends on: the data (its own cache key, the one
-        # function training uses), the reference model, the precision it scores in, the cache.
+        # function training uses), the reference model, the precision it scores in, the cache, and
+        # whether LD-DPO's answer tails are kept (a cache of their own).
         key = (data_cache_key(train_config, load_tokenizer(train_config.model)),
-               train_config.ref_model or train_config.model, train_config.dtype, train_config.cache_dir)
+               train_config.ref_model or train_config.model, train_config.dtype, train_config.cache_dir,
+               train_config.ld_alpha is not None)
         if key in seen:
             continue
         start = time.perf_counter()
