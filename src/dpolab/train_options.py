@@ -9,10 +9,11 @@ one not given keeps the YAML's value, else the field's default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
-from dpolab.config import TrainConfig
-from dpolab.paths import user_path
+from dpolab.config import TrainConfig, load_config
+from dpolab.paths import resolve_config_paths, user_path
 
 
 def config_options() -> argparse.ArgumentParser:
@@ -43,3 +44,10 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     if "report_to" in overrides:  # `--report-to wandb,mlflow` as well as `--report-to wandb mlflow`; `none` clears
         overrides["report_to"] = [t for v in overrides["report_to"] for t in v.split(",") if t and t != "none"]
     return overrides
+
+
+def config_from(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+    """The command's validated config: the --config YAML, the fields given on the command line (they
+    win), then ``fixed`` (what the command itself sets); local paths made absolute."""
+    config = load_config(args.config, {**overrides_from(args), **fixed})
+    return dataclasses.replace(config, **resolve_config_paths(config.to_dict()))
