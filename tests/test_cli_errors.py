@@ -90,3 +90,65 @@ def test_storage_password_in_the_query_is_redacted_in_sweep_json(tmp_path):
     text = json.dumps(sweep.info())
     assert "hunter2" not in text and "password=***" in text
     assert redact("postgresql://me:secret@db:5432/x?sslpassword=s2") == "postgresql://me:***@db:5432/x?sslpassword=***"
+
+
+# ---- contradictions and out-of-range options: one line naming the option, before any work --------
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([*TRAIN, "--max-steps", "0"], "max_steps must be > 0, or -1 to train num_train_epochs, got 0"),
+    ([*TRAIN, "--engine", "trl", "--batch-layout", "packed"], "batch_layout 'packed' runs on engine 'dpolab' only"),
+    (["sft", "--stage", "dpo", "--max-steps", "1"], "--stage dpo: `dpolab sft` trains stage 'sft'"),
+    (["sft", "--loss-type", "ipo", "--max-steps", "1"], "--loss-type: a DPO option that SFT does not use"),
+    (["sft", "--beta", "0.5", "--max-steps", "1"], "--beta: a DPO option that SFT does not use"),
+    (["sft", "--ref-model", "tiny-gpt2", "--max-steps", "1"], "--ref-model: a DPO option that SFT does not use"),
+])
+def test_contradicting_training_options_are_refused(tmp_path, capsys, argv, message):
+    err = one_line_error(capsys, [*argv, "--output-dir", str(tmp_path / "run")])
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--reference", "tiny-gpt2"], "--reference goes with --dataset SOURCE"),
+    (["--columns", "prompt=q"], "--columns goes with --dataset SOURCE"),
+    (["--top-p", "5"], "--top-p must be in (0, 1], got 5.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--temperature", "-1"], "--temperature must be > 0 (answers are sampled), got -1.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+])
+def test_evaluate_options_out_of_range_or_without_dataset_are_refused(tiny_run, tmp_path, capsys, options, message):
+    err = one_line_error(capsys, ["evaluate", str(tiny_run.path), *options, "--output-dir", str(tmp_path / "ev")])
+    assert message in err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
+    err = one_line_error(capsys, [*TRAIN, "--output-dir", str(tmp_path / "typo"), "--resume"])
+    assert f"--resume: {tmp_path / 'typo'} holds no run to resume" in err
+    assert not (tmp_path / "typo").exists()  # nothing started from scratch
+
+
+def test_a_device_torch_cannot_use_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only torch
+    err = one_line_error(capsys, [*TRAIN, "--device", "cuda", "--output-dir", str(tmp_path / "run")])
+    assert "device 'cuda': torch" in err and "use --device cpu or auto" in err
+
+
+def test_an_error_without_a_message_still_gives_one_line(monkeypatch):
+    """Libraries raise exceptions with empty messages; quoting their 'first line' must not fail."""
+    import transformers
+
+    from dpolab.errors import ConfigError, first_line
+    from dpolab.evaluate.generation import RewardJudge
+
+    def raise_bare(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", raise_bare)
+    with pytest.raises(ConfigError, match=r"^--judge judge-dir: not a loadable reward model \(OSError\)$"):
+        RewardJudge("judge-dir")
+    assert first_line(ValueError("\n  \n  second line\nthird")) == "second line"
+    assert first_line(ValueError(""), with_type=True) == "ValueError"
+    assert first_line(KeyError("k"), with_type=True) == "KeyError: 'k'"

@@ -15,9 +15,11 @@ def cudnn_attention_flag():
     torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def test_cuda_turns_cudnn_attention_off_and_cpu_leaves_it(cudnn_attention_flag):
-    # The flag is a plain setting, so this runs without a GPU: what matters is that training on
-    # CUDA never meets cuDNN attention's per-shape planning (BENCHMARKS.md, GPU section).
+def test_cuda_turns_cudnn_attention_off_and_cpu_leaves_it(cudnn_attention_flag, monkeypatch):
+    # The flag is a plain setting, so this runs without a GPU (torch is told it has one: a named
+    # device torch cannot use is refused): what matters is that training on CUDA never meets
+    # cuDNN attention's per-shape planning (BENCHMARKS.md, GPU section).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert prepare_device("cpu") == "cpu"
     assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run changes nothing
     assert prepare_device("cuda") == "cuda"

@@ -23,6 +23,7 @@ USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.EN
 
 # Stage modules that add sub-commands, in the order `dpolab --help` lists them.
 COMMAND_MODULES = [
+    "dpolab.data.cli",      # data check
     "dpolab.sft.cli",       # sft
     "dpolab.dpo.cli",       # train
     "dpolab.sweep.cli",     # sweep

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, first_line
 
 # TRL 1.16 DPOTrainer's loss types, then dpolab's reference-free SimPO.
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -147,7 +147,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_doc("(float, 0.0): AdamW weight decay."))
     num_train_epochs: float = field(default=1.0, metadata=_doc("(float, 1.0): passes over the data."))
     max_steps: int = field(default=-1, metadata=_doc(
-        "(int, -1): stop after this many optimizer steps; overrides epochs when > 0."))
+        "(int, -1): stop after this many optimizer steps (> 0; overrides epochs); -1 trains num_train_epochs."))
     warmup_ratio: float = field(default=0.0, metadata=_doc(
         "(float, 0.0): fraction of steps spent in linear warm-up, in [0, 1)."))
     lr_scheduler_type: str = field(default="linear", metadata=_doc(
@@ -243,7 +243,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+        if self.max_steps == 0 or self.max_steps < -1:  # Trainer would take one step at learning rate 0
+            raise ConfigError(f"max_steps must be > 0, or -1 to train num_train_epochs, got {self.max_steps!r}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
         if self.data_format not in ("auto", "hh", "explicit", "conversational", "implicit"):
             raise ConfigError(f"data_format must be auto, hh, explicit, conversational or implicit, "
@@ -266,6 +268,8 @@ class TrainConfig:
             raise ConfigError("stage 'sft' runs on engine 'dpolab' only")
         if self.lora_r and self.engine == "trl":
             raise ConfigError("LoRA (lora_r > 0) runs on engine 'dpolab' only")
+        if self.batch_layout == "packed" and self.engine == "trl":
+            raise ConfigError("batch_layout 'packed' runs on engine 'dpolab' only (TRL pads its batches)")
         if self.device not in ("auto", "cuda", "mps", "cpu"):
             raise ConfigError(f"device must be auto, cuda, mps or cpu, got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -418,7 +422,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: invalid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
     return data

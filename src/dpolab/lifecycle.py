@@ -15,6 +15,7 @@ it and it imports no stage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,14 @@ class StageTrainer(Trainer):
         if self.system_sampler is not None:
             logs.update(self.system_sampler.latest())
         super().log(logs, start_time)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # Resuming, Trainer loads the checkpoint with strict=False and warns about every key it lacks.
+        # A tied LM head (GPT-2's is its embedding) is saved once, under the embedding's name, so it
+        # is always "missing" though loading the embedding restored it: not worth a warning.
+        tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
 
 class EvaluateAtEnd(TrainerCallback):
@@ -202,10 +211,18 @@ def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, d
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         dataloader_num_workers=0,
-        gradient_checkpointing=config.gradient_checkpointing,
-        # Non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA).
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(config.gradient_checkpointing),
     )
+
+
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """``TrainingArguments``' activation checkpointing fields under the name this transformers uses:
+    recent ones renamed ``gradient_checkpointing*`` to ``activation_checkpointing*`` and print a
+    FutureWarning for each old name given, on every run."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    # Non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA).
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 # Settings a resumed run may change: how it is logged, checkpointed and evaluated, not what it
@@ -238,12 +255,14 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
         if model:
             check_source(model)
     output_dir = Path(output_dir)
+    if resume and not RunFolder.is_run(output_dir):  # a mistyped folder must not quietly start from scratch
+        raise ConfigError(f"--resume: {output_dir} holds no run to resume; drop --resume to start a new run there")
     if RunFolder.is_run(output_dir) and not resume:
         if RunFolder(output_dir).is_finished():
             raise ConfigError(f"{output_dir}: a finished run is already there; choose another --output-dir")
         if last_complete_checkpoint(RunFolder(output_dir)):
             raise ConfigError(f"{output_dir}: an unfinished run with checkpoints is there; add --resume to continue it")
-    if resume and RunFolder.is_run(output_dir):
+    if resume:
         return resume_run(RunFolder.open(output_dir), config)
     run = RunFolder.create(output_dir, {
         "engine": engine, "stage": config.stage, "base_model": config.model, "dataset": config.dataset,

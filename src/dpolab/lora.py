@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dpolab.config import TrainConfig
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, first_line
 from dpolab.runs import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def add_adapters(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module
     try:
         peft_model = get_peft_model(model, lora)
     except ValueError as exc:  # e.g. a target module name that the model does not have
-        raise ConfigError(f"lora_target_modules {targets}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"lora_target_modules {targets}: {first_line(exc)}") from None
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d on %s: %d trainable parameters of %d (%.2f%%)", config.lora_r, targets,
                 trainable, total, 100 * trainable / total)

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, first_line
 from dpolab.runs import RunFolder, SweepFolder, resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def _hub_unreachable_but_cached(model_name: str) -> bool:
         raise ConfigError(f"{unknown}, and not a model on the Hub (or a private one: log in)") from None
     except Exception as exc:  # no network, proxy, DNS: the Hub client's errors have no common base
         if not cached:
-            raise ConfigError(f"{unknown}, and the Hub is unreachable ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise ConfigError(f"{unknown}, and the Hub is unreachable ({first_line(exc, with_type=True)})") from None
         logger.warning("the Hub is unreachable; loading %s from the local cache", model_name)
         return True
     return False
@@ -108,7 +107,7 @@ def load_tokenizer(model_name: str):
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_source(model_name), **kwargs)
         except UNREADABLE as exc:
-            raise ConfigError(f"model {model_name}: cannot load its tokenizer ({_first_line(exc)})") from None
+            raise ConfigError(f"model {model_name}: cannot load its tokenizer ({first_line(exc, with_type=True)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -145,7 +144,7 @@ def load_model(model_name: str, dtype: torch.dtype | None = None, quantization_c
         model = AutoModelForCausalLM.from_pretrained(model_source(model_name), dtype=dtype or torch.float32,
                                                      **kwargs)
     except UNREADABLE as exc:  # a truncated safetensors file, a torn config.json, missing weights
-        raise ConfigError(f"model {model_name}: cannot load it ({_first_line(exc)})") from None
+        raise ConfigError(f"model {model_name}: cannot load it ({first_line(exc, with_type=True)})") from None
     # Pad = EOS, as in load_tokenizer (GPT-2 ships without a pad token).
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
@@ -161,11 +160,6 @@ def load_frozen(model_name: str, device: torch.device | str, dtype: torch.dtype 
     disable_dropout(model)
     use_fused_gelu(model)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -195,6 +189,14 @@ def use_fused_gelu(model: torch.nn.Module) -> int:
 
 
 def resolve_device(device: str = "auto") -> str:
+    """'auto' -> the best device torch has; a named one must be there (else one line, not torch's
+    AssertionError from deep inside the first ``.to(device)``)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "it was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"device {device!r}: torch {torch.__version__} cannot use it ({why}); "
+                          "use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device 'mps': not available to torch {torch.__version__}; use --device cpu or auto")
     if device != "auto":
         return device
     if torch.cuda.is_available():

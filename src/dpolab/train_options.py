@@ -14,8 +14,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from dpolab.config import TrainConfig
-from dpolab.paths import user_path
+from dpolab.config import TrainConfig, load_config
+from dpolab.paths import resolve_config_paths, user_path
 
 
 def config_options() -> argparse.ArgumentParser:
@@ -74,3 +74,10 @@ def throughput(summary: dict[str, Any]) -> str:
     """``"bf16 | 1.27 pairs/s"``: the precision the run trained in and this session's speed."""
     speed = f"{summary['pairs_per_s']} pairs/s" if summary.get("pairs_per_s") else "no steps trained in this session"
     return f"{summary.get('dtype', '?')} | {speed}"
+
+
+def config_from(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+    """The command's validated config: the --config YAML, the fields given on the command line (they
+    win), then ``fixed`` (what the command itself sets); local paths made absolute."""
+    config = load_config(args.config, {**overrides_from(args), **fixed})
+    return dataclasses.replace(config, **resolve_config_paths(config.to_dict()))

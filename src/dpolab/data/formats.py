@@ -12,7 +12,8 @@ answers as assistant contents, rendered later by the run's :class:`~dpolab.data.
   their last (assistant) message, compared message by message.
 
 A structurally wrong row raises :class:`RowError` (the caller names file and line); a row that is
-well-formed but unusable returns a drop reason, counted in the data report.
+well-formed but unusable (no assistant turn, mismatched prompts, an empty answer, two identical
+answers, ...) returns a drop reason, counted in the data report.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ KNOWN = ("hh (chosen, rejected: dialogues), explicit (prompt, chosen, rejected: 
          "(prompt, chosen, rejected: message lists), implicit (chosen, rejected: whole conversations)")
 # The internal pair. ``messages`` is empty for a text pair; ``prompt`` is "" for a messages pair.
 EMPTY = {"prompt": "", "messages": [], "chosen": "", "rejected": ""}
+# Drop reason of a pair whose two answers are the same text (up to surrounding whitespace): DPO's
+# margin is 0 on it whatever the model, so it only dilutes the batch and fakes a 0 reward accuracy.
+IDENTICAL = "identical_answers"
 
 
 class RowError(ValueError):
@@ -44,6 +48,16 @@ def parse_columns(spec: str | None) -> dict[str, str]:
             raise ConfigError(f"columns: expected prompt=COL,chosen=COL,rejected=COL, got {item!r}")
         mapping[theirs.strip()] = ours.strip()
     return mapping
+
+
+def check_columns(row: dict[str, Any], mapping: dict[str, str], where: str, in_mix: bool) -> None:
+    """Fail naming the first ``--columns`` source column that ``row`` (a source's first row) lacks:
+    else the row would be read by its own column names, a mapping the user gave silently unused. In
+    a mix the mapping is for the sources that have those columns: one already in our names passes."""
+    for theirs, ours in mapping.items():
+        if theirs not in row and not (in_mix and ours in row):
+            raise DataError(f"{where}: columns: {ours}={theirs} names no column of the data "
+                            f"(columns found: {', '.join(sorted(row))})")
 
 
 def rename(row: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
@@ -117,6 +131,8 @@ def adapt(row: dict[str, Any], fmt: str, chat: bool) -> tuple[dict[str, Any] | N
             return None, "prompt_mismatch"
         if not chosen_text.strip() or not rejected_text.strip():
             return None, "empty_answer"
+        if chosen_text.strip() == rejected_text.strip():
+            return None, IDENTICAL
         if chat and fmt == "hh":
             return {**EMPTY, "messages": hh_to_messages(prompt), "chosen": chosen_text.strip(),
                     "rejected": rejected_text.strip()}, None
@@ -138,6 +154,8 @@ def adapt(row: dict[str, Any], fmt: str, chat: bool) -> tuple[dict[str, Any] | N
         return None, "last_not_assistant"
     if not chosen_ans.strip() or not rejected_ans.strip():
         return None, "empty_answer"
+    if chosen_ans.strip() == rejected_ans.strip():
+        return None, IDENTICAL
     if not any(m["role"] == "user" for m in prompt):
         return None, "no_user_turn"
     return {**EMPTY, "messages": prompt, "chosen": chosen_ans, "rejected": rejected_ans}, None

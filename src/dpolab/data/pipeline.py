@@ -110,12 +110,14 @@ def read_source(spec: sources.SourceSpec, config: TrainConfig, formatter: Format
         plan = {split: [] for split in split_names}
     first_split = next(iter(plan))
     fmt = config.data_format
-    if fmt == "auto":
-        mapping = formats.parse_columns(config.columns)
+    mapping = formats.parse_columns(config.columns)
+    if fmt == "auto" or mapping:
         first = _first_row(_rows(spec.name, kind, first_split, plan[first_split], config, str(work)))
         if first is None:
             raise DataError(f"{spec.name}: no usable rows")
-        fmt = formats.detect_format(formats.rename(first, mapping), spec.name)
+        formats.check_columns(first, mapping, spec.name, in_mix=len(sources.parse_mix(config.dataset)) > 1)
+        if fmt == "auto":
+            fmt = formats.detect_format(formats.rename(first, mapping), spec.name)
     out: dict[str, Dataset] = {}
     for split, paths in plan.items():
         pairs = _pairs(spec.name, kind, split, paths, config, str(work), fmt, formatter.is_chat)
@@ -327,7 +329,6 @@ def _build(config: TrainConfig, tokenizer: Any, formatter: Formatter, report: Da
         report.kept[split] = len(tokenized)
         if not report.kept[split]:
             raise DataError(f"{config.dataset}: no usable pairs left for the {split} split ({report.summary_line()})")
-    logger.info(report.summary_line())
 
 
 def prepare_eval_pairs(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, DataReport]:

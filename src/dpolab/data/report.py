@@ -46,6 +46,6 @@ class DataReport:
 
     def summary_line(self) -> str:
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
-        kept = ", ".join(f"{k}={v}" for k, v in self.kept.items())
+        kept = ", ".join(f"{k}={v}" for k, v in self.kept.items()) or "none"
         return (f"data: read {self.rows_read} rows from {self.source}; kept {kept}; dropped {dropped}; "
                 f"truncated prompts={self.truncated['prompt']} answers={self.truncated['answer']}")

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dpolab.errors import ConfigError, DataError
+from dpolab.errors import ConfigError, DataError, first_line
 from dpolab.hh import SAMPLE_NAME
 
 LINE_FILES = (".jsonl", ".jsonl.gz")
@@ -151,17 +151,38 @@ def iter_jsonl(path: Path, skip_bad_rows: bool) -> Iterator[Row]:
 
 
 def load_table(path: Path, cache_dir: str) -> Any:
-    """A CSV / Parquet / JSON file as a ``datasets.Dataset`` (one line naming the file on failure)."""
+    """A CSV / Parquet / JSON file as a ``datasets.Dataset`` (one line naming the file on failure).
+
+    CSV cells are read as the text they hold: an empty cell is ``""`` (as in JSON Lines, so an empty
+    answer is dropped and counted, not a type error), and ``NA``, ``null`` or ``None`` stay words
+    instead of pandas' missing values."""
     from datasets import load_dataset
 
     builder = TABLE_FILES[path.suffix]
+    options = {"keep_default_na": False} if builder == "csv" else {}
     try:
-        return load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        if builder == "csv":
+            _check_csv_has_rows(path)
+        return load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **options)
+    except DataError:
+        raise
     except Exception as exc:  # pyarrow's many error types: the cause goes in the one line
-        first = str(exc).splitlines()[0] if str(exc) else ""
         cause = exc.__cause__ or exc.__context__
-        detail = f"{type(cause).__name__}: {str(cause).splitlines()[0]}" if cause and str(cause) else first
+        detail = first_line(cause, with_type=True) if cause and str(cause).strip() else first_line(exc)
         raise DataError(f"{path}: could not read as {builder} ({detail})") from None
+
+
+def _check_csv_has_rows(path: Path) -> None:
+    """A CSV file with no row under its header (or no header) fails here, naming the file: ``datasets``
+    would say only 'Instruction "train" corresponds to no data!'. Reads the header and one row."""
+    import pandas as pd
+
+    try:
+        first = pd.read_csv(path, nrows=1)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (no rows)") from None
+    if first.empty:
+        raise DataError(f"{path}: no rows, only the header ({', '.join(map(str, first.columns))})")
 
 
 def iter_table(dataset: Any, label: str, first_line: int | None) -> Iterator[Row]:
@@ -189,8 +210,7 @@ def load_splits(name: str, source_kind: str, config: Any, cache_dir: str) -> dic
             loaded = load_dataset(name, data_dir=config.data_dir, data_files=_hub_files(config.data_files),
                                   cache_dir=cache_dir)
     except Exception as exc:  # offline, unknown id, ...: one line, the cause named
-        raise DataError(f"dataset {name!r}: could not load ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise DataError(f"dataset {name!r}: could not load ({first_line(exc, with_type=True)})") from None
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({config.split: loaded})
     if config.split not in loaded:

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 
-from dpolab.paths import resolve_config_paths, user_path
-from dpolab.train_options import add_run_arguments, config_options, overrides_from, throughput
+from dpolab.paths import user_path
+from dpolab.train_options import add_run_arguments, config_from, config_options, throughput
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dpolab.config import load_config
     from dpolab.dpo.trainer import train
 
-    config = load_config(args.config, overrides_from(args))
-    config = dataclasses.replace(config, **resolve_config_paths(config.to_dict()))
+    config = config_from(args)
     output_dir = args.output_dir or user_path(f"runs/{args.config.stem if args.config else 'train'}")
     run = train(config, output_dir, resume=args.resume)
     print_run_result(run)
@@ -43,4 +40,6 @@ def print_run_result(run) -> None:
     print(f"model:      {run.model_dir}")
     print(f"eval loss {eval_metrics['loss']:.4f} | reward accuracy {eval_metrics['rewards/accuracies']:.3f} | "
           f"reward margin {eval_metrics['rewards/margins']:.4f} | {throughput(summary)}")
+    print(f"next: dpolab evaluate {run.path}   # held-out metrics and sampled answers; "
+          f"or dpolab serve {run.path} to chat with it")
     logger.debug(json.dumps(summary))

@@ -69,13 +69,13 @@ class RewardJudge:
     def __init__(self, name: str, device: str = "cpu", max_length: int = 1024) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from dpolab.errors import ConfigError
+        from dpolab.errors import ConfigError, first_line
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"--judge {name}: not a loadable reward model ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"--judge {name}: not a loadable reward model ({first_line(exc)})") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:

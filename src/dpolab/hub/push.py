@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpolab.errors import DpolabError, RunFolderError
+from dpolab.errors import DpolabError, RunFolderError, first_line
 from dpolab.hub.export import export, is_export, list_files
 from dpolab.runs import RunFolder, SweepFolder
 
@@ -117,7 +117,7 @@ def _hub_error(exc: Exception, plan: PushPlan) -> PushError:
         return PushError("HF_HUB_OFFLINE is set: unset it (or HF_HUB_OFFLINE=0) to push to the Hub")
     for err in chain:
         if isinstance(err, HFValidationError):
-            return PushError(f"repo id {plan.repo_id!r} is malformed: {str(err).splitlines()[0]}")
+            return PushError(f"repo id {plan.repo_id!r} is malformed: {first_line(err)}")
         if isinstance(err, HfHubHTTPError) and err.response is not None:
             status = err.response.status_code
             if status == 401:
@@ -127,14 +127,13 @@ def _hub_error(exc: Exception, plan: PushPlan) -> PushError:
                 return PushError(f"permission denied (403 Forbidden): your token cannot create or write "
                                  f"{plan.repo_id}; use a write token for the '{plan.repo_id.split('/')[0]}' "
                                  "namespace")
-            detail = (getattr(err, "server_message", None) or str(err)).strip().splitlines()
+            detail = first_line(getattr(err, "server_message", None) or str(err))
             return PushError(f"{where} refused the upload to {plan.repo_id} (HTTP {status})"
-                             + (f": {detail[0]}" if detail else ""))
+                             + (f": {detail}" if detail else ""))
     if any({cls.__name__ for cls in type(err).__mro__} & _NETWORK_ERRORS for err in chain):
         return PushError(f"network unreachable: cannot connect to {where} (check your connection, proxy "
                          "or HF_ENDPOINT)")
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return PushError(f"push to {plan.repo_id} failed: {type(exc).__name__}: {first_line}")
+    return PushError(f"push to {plan.repo_id} failed: {first_line(exc, with_type=True)}")
 
 
 def push(plan: PushPlan, token: str | None = None) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dpolab.config import TrainConfig
-from dpolab.errors import DpolabError, RunFolderError
+from dpolab.errors import DpolabError, RunFolderError, first_line
 from dpolab.runs import RunFolder, SweepFolder, is_model_folder, latest_result, resolve_model_dir, resolve_run
 
 DEFAULT_BETA = TrainConfig.beta  # used (and said so) when nothing records the model's training beta
@@ -192,8 +192,7 @@ def load_one(model_id: str, source: str, precision: str = "fp32") -> LoadedModel
         raise
     except (OSError, ValueError) as exc:
         # Not a local folder and the Hub could not provide it (offline, typo, private repo).
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DpolabError(f"could not load model {source!r}: {first_line}") from None
+        raise DpolabError(f"could not load model {source!r}: {first_line(exc)}") from None
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(id=model_id, source=source, model=model, tokenizer=tokenizer)

@@ -8,15 +8,18 @@ reference.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
+from typing import Any
 
-from dpolab.paths import resolve_config_paths, user_path
-from dpolab.train_options import add_run_arguments, config_options, overrides_from, throughput
+from dpolab.paths import user_path
+from dpolab.train_options import add_run_arguments, config_from, config_options, overrides_from, throughput
 
 logger = logging.getLogger(__name__)
+
+# Fields only the DPO objective reads: SFT's loss is the chosen answers' NLL, with no reference model.
+DPO_ONLY = ("loss_type", "beta", "label_smoothing", "rpo_alpha", "ref_model")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,11 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from dpolab.config import load_config
     from dpolab.sft.trainer import train_sft
 
-    config = load_config(args.config, {**overrides_from(args), "stage": "sft"})
-    config = dataclasses.replace(config, **resolve_config_paths(config.to_dict()))
+    check_sft_options(overrides_from(args))
+    config = config_from(args, stage="sft")
     output_dir = args.output_dir or user_path(f"runs/{args.config.stem if args.config else 'sft'}")
     run = train_sft(config, output_dir, resume=args.resume)
     summary = run.summary()
@@ -45,3 +47,18 @@ def run_sft(args: argparse.Namespace) -> int:
     print(f"next: dpolab train --model {run.path}   # DPO from this model (also its reference)")
     logger.debug(json.dumps(summary))
     return 0
+
+
+def check_sft_options(overrides: dict[str, Any]) -> None:
+    """Refuse options given on the command line that `dpolab sft` would silently ignore (a config
+    YAML may still hold them: one file can serve both stages)."""
+    from dpolab.errors import ConfigError
+
+    if overrides.get("stage", "sft") != "sft":
+        raise ConfigError(f"--stage {overrides['stage']}: `dpolab sft` trains stage 'sft'; "
+                          f"run `dpolab train` for DPO")
+    given = [name for name in DPO_ONLY if name in overrides]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{option}: a DPO option that SFT does not use; drop it here and give it to "
+                          "`dpolab train --model RUN_DIR`")

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from transformers import TrainerCallback
 
 from dpolab.config import TrainConfig
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, first_line
 from dpolab.runs import RunFolder, SweepFolder
 from dpolab.sweep import study as st
 from dpolab.sweep.config import SweepConfig
@@ -219,7 +219,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: SweepConfig, swe
                 callbacks: list[TrainerCallback] = []
                 if config.use_pruning and metric:
                     callbacks.append(PruningCallback(trial, metric))
-                summary = train(train_config, run_dir, resume=True, callbacks=callbacks).summary()
+                # An interrupted trial's folder continues from its last checkpoint; a new one starts.
+                resume = RunFolder.is_run(run_dir)
+                summary = train(train_config, run_dir, resume=resume, callbacks=callbacks).summary()
             value = objective_value(summary, config.objective)
             if not math.isfinite(value):
                 raise FloatingPointError(f"{config.objective} is {value} (training diverged)")
@@ -229,7 +231,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: SweepConfig, swe
         study.tell(trial, state=TrialState.PRUNED)
         state, error = TrialState.PRUNED, str(exc)
     except Exception as exc:  # failed trial: record it, keep sweeping (KeyboardInterrupt still stops)
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        error = first_line(exc, with_type=True)
         logger.error("trial %s failed: %s", name, error, exc_info=logger.isEnabledFor(logging.DEBUG))
         trial.set_user_attr(st.ERROR_ATTR, error)
         study.tell(trial, state=TrialState.FAIL)

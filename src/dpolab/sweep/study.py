@@ -29,7 +29,7 @@ import psutil
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, first_line
 from dpolab.periodic import Periodic
 from dpolab.runs import SweepFolder
 from dpolab.sweep.config import SweepConfig
@@ -84,9 +84,8 @@ def make_storage(url: str, config: SweepConfig) -> optuna.storages.RDBStorage:
         raise ConfigError(f"--storage {redact(url)}: its database driver is not installed ({exc}); "
                           "e.g. pip install psycopg2-binary for postgresql://") from None
     except (SQLAlchemyError, ValueError) as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise ConfigError(f"--storage {redact(url)}: cannot use it ({type(exc).__name__}: "
-                          f"{detail[0] if detail else ''})") from None
+        detail = first_line(str(getattr(exc, "orig", None) or exc))  # the driver's own message, if any
+        raise ConfigError(f"--storage {redact(url)}: cannot use it ({type(exc).__name__}: {detail})") from None
 
 
 def signature(config: SweepConfig) -> dict[str, Any]:
