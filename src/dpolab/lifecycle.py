@@ -19,8 +19,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,24 @@ class RunStart:
     run: RunFolder
     recorded: dict[str, Any] | None = None
     finished: bool = False
+    new_run: bool = False  # this call started the run (wrote run.json and config.yaml)
+    made_folder: bool = False  # ... in a folder it created
+
+    @contextmanager
+    def removed_on_failure(self) -> Iterator[None]:
+        """Around a new run's setup (model, data, reference pass): if it fails, the records this
+        call wrote go again, so no half-made run folder is left for report, serve or a sweep to
+        take for a run. A resumed run keeps everything."""
+        try:
+            yield
+        except BaseException:
+            if self.new_run:
+                if self.made_folder:
+                    shutil.rmtree(self.run.path, ignore_errors=True)
+                else:
+                    for record in (self.run.identity_path, self.run.config_path, self.run.data_report_path):
+                        record.unlink(missing_ok=True)
+            raise
 
 
 def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engine: str) -> RunStart:
@@ -264,12 +284,13 @@ def prepare_run(config: TrainConfig, output_dir: str | Path, resume: bool, engin
             raise ConfigError(f"{output_dir}: an unfinished run with checkpoints is there; add --resume to continue it")
     if resume:
         return resume_run(RunFolder.open(output_dir), config)
+    made_folder = not output_dir.exists()
     run = RunFolder.create(output_dir, {
         "engine": engine, "stage": config.stage, "base_model": config.model, "dataset": config.dataset,
         "data_dir": config.data_dir, "reference_model": config.ref_model or config.model,
         **previous_stage(config.model), "dpolab_version": dpolab.__version__})
     save_config(config, run.config_path)
-    return RunStart(run)
+    return RunStart(run, new_run=True, made_folder=made_folder)
 
 
 def resume_run(run: RunFolder, config: TrainConfig) -> RunStart:

@@ -17,7 +17,7 @@ import torch
 
 from dpolab.config import TrainConfig
 from dpolab.errors import ConfigError, first_line
-from dpolab.runs import RunFolder
+from dpolab.runs import RunFolder, give_default_modes
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def save_final_model(trainer: Any, run: RunFolder, base_model: str) -> None:
     model = trainer.model
     if not is_peft_model(model):
         trainer.save_model(str(run.model_dir))  # on every rank: a collective under FSDP
+        if trainer.is_world_process_zero():
+            give_default_modes(run.model_dir)
         return
     if not trainer.is_world_process_zero():
         return
@@ -109,6 +111,8 @@ def save_final_model(trainer: Any, run: RunFolder, base_model: str) -> None:
     # Hub config for PEFT to check that against).
     model.save_pretrained(run.adapter_dir, save_embedding_layers=False)
     merged_copy(model).save_pretrained(run.model_dir)
+    for folder in (run.adapter_dir, run.model_dir):
+        give_default_modes(folder)
 
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -40,6 +40,27 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def default_file_mode() -> int:
+    """The mode a new file gets here (0o644 under the usual umask 022), read without changing the
+    umask (``os.umask`` sets it process-wide, racing with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
+def give_default_modes(folder: Path) -> None:
+    """safetensors writes its files 0600 (owner-only); give every file in ``folder`` the mode every
+    other record of a run has, so a model is as readable as its config (other users, a web server)."""
+    mode = default_file_mode()
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(mode)
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())

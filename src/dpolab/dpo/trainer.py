@@ -174,9 +174,10 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     if start.finished:
         return start.run
     run = start.run
-    prepared = load_prepared(config, start.recorded)
-    setup = prepared.setup
-    record_setup(run, setup)
+    with start.removed_on_failure():
+        prepared = load_prepared(config, start.recorded)
+        setup = prepared.setup
+        record_setup(run, setup)
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
         args = stage_training_arguments(config, run, setup)

@@ -129,26 +129,27 @@ def train_trl(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     if start.finished:
         return start.run
     run = start.run
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    device = prepare_device(config.device)
-    tokenizer = load_tokenizer(config.model)
-    formatter = bind_template(tokenizer, config.chat_template)
-    model, reference = load_model(config.model), load_model(config.ref_model or config.model)
-    for m in (model, reference):
-        disable_dropout(m)
-    datasets, report, data_key = prepare_data(config, tokenizer)
-    if start.recorded:
-        dtype, dtype_choice = start.recorded["dtype"], {**start.recorded["dtype_choice"], "resumed": True}
-    else:
-        collate = PreferenceCollator(tokenizer.pad_token_id, packed=False)
-        dtype, dtype_choice = resolve_dtype(config, device, model, datasets["train"], collate)
-    settings = resolved_settings(config, device, dtype, dtype_choice, False, formatter, data_key)
-    # TRL scores the reference inside every step: no separate pass, no cache.
-    settings.reference = {"model": config.ref_model or config.model,
-                          "role": "ref_model" if config.ref_model else "starting model", "key": None}
-    setup = StageSetup(tokenizer, formatter, model, datasets, report, settings)
-    record_setup(run, setup)
+    with start.removed_on_failure():
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device = prepare_device(config.device)
+        tokenizer = load_tokenizer(config.model)
+        formatter = bind_template(tokenizer, config.chat_template)
+        model, reference = load_model(config.model), load_model(config.ref_model or config.model)
+        for m in (model, reference):
+            disable_dropout(m)
+        datasets, report, data_key = prepare_data(config, tokenizer)
+        if start.recorded:
+            dtype, dtype_choice = start.recorded["dtype"], {**start.recorded["dtype_choice"], "resumed": True}
+        else:
+            collate = PreferenceCollator(tokenizer.pad_token_id, packed=False)
+            dtype, dtype_choice = resolve_dtype(config, device, model, datasets["train"], collate)
+        settings = resolved_settings(config, device, dtype, dtype_choice, False, formatter, data_key)
+        # TRL scores the reference inside every step: no separate pass, no cache.
+        settings.reference = {"model": config.ref_model or config.model,
+                              "role": "ref_model" if config.ref_model else "starting model", "key": None}
+        setup = StageSetup(tokenizer, formatter, model, datasets, report, settings)
+        record_setup(run, setup)
     trainer_class = pretokenized_trainer_class()
 
     def make_trainer(trainer_callbacks: list[Any], sampler: Any) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dpolab.errors import RunFolderError
 from dpolab.hh import SAMPLING
-from dpolab.runs import RunFolder, SweepFolder, resolve_run
+from dpolab.runs import RunFolder, SweepFolder, give_default_modes, resolve_run
 
 EOS_ID = 50256  # GPT-2's <|endoftext|>: EOS, BOS and (dpolab's choice) padding
 REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
@@ -143,6 +143,7 @@ def export(source: str | Path, out_dir: str | Path, repo_id: str | None = None,
         plots = _copy_report(sweep, partial)
         card = build_card(run, sweep, plots, repo_id, adapter_only=adapter_only)
         (partial / "README.md").write_text(card.content, encoding="utf-8", newline="\n")
+        give_default_modes(partial)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         partial.rename(out_dir)

@@ -119,6 +119,9 @@ def _collect(path: str | Path) -> ReportData:
                           trials=trials, info=info, best=best)
     if RunFolder.is_run(path):
         run = RunFolder.open(path)
+        if not run.is_finished() and not run.metrics():
+            raise RunFolderError(f"{path}: nothing to report: the run has logged no training step yet "
+                                 "(still starting, or its start failed)")
         info = run.info()
         record = _read_run(run, info.get("name", path.name), "complete" if run.is_finished() else "running")
         record.is_best = record.finished

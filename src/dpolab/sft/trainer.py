@@ -65,10 +65,11 @@ def train_sft(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     if start.finished:
         return start.run
     run = start.run
-    setup = setup_stage(config, start.recorded)
-    if uses_lora(config):
-        setup.model = add_adapters(setup.model, config)
-    record_setup(run, setup)
+    with start.removed_on_failure():
+        setup = setup_stage(config, start.recorded)
+        if uses_lora(config):
+            setup.model = add_adapters(setup.model, config)
+        record_setup(run, setup)
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
         args = stage_training_arguments(config, run, setup)
