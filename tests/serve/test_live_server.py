@@ -173,8 +173,10 @@ def test_bounded_load_8_threads_x_8_requests(live_server, make_app):
 
 
 @contextlib.contextmanager
-def serve_cli(*args: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
-    """The real `dpolab serve ARGS` run from ``cwd``: yields (url once /healthz is 200, process, output)."""
+def serve_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen,
+                                                                                        list[str]]]:
+    """The real `dpolab serve ARGS` run from ``cwd``: yields (url on 127.0.0.1 once /healthz is 200,
+    process, output)."""
 
     def like_a_terminal() -> None:
         # A shell starts background jobs with SIGINT ignored, and Python then never raises
@@ -182,16 +184,16 @@ def serve_cli(*args: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen, li
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     process = subprocess.Popen([sys.executable, "-m", "dpolab.cli", "serve", *args, "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env,
                                preexec_fn=like_a_terminal)
     output: list[str] = []
     try:
         first = process.stdout.readline()
-        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", first)
+        match = re.search(r"listening on http://(127\.0\.0\.1|0\.0\.0\.0):(\d+)", first)
         assert match, first + process.stdout.read()
         # Keep reading: a server whose output pipe fills up blocks on its next log line.
         threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
-        url = match.group(1)
+        url = f"http://127.0.0.1:{match.group(2)}"
         wait_for(lambda: healthy(url), timeout=300)
         yield url, process, output
     finally:
