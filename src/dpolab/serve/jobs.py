@@ -42,13 +42,14 @@ def count_tokens(eng: Engine) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text).input_ids)
 
 
-def chat_job(turns: list[dict[str, str]], params: SamplingParams, param: str,
-             roles: tuple[str, ...] = ("policy",)) -> tuple[Job, dict[str, Any]]:
-    """A training-format chat job; oldest turns dropped to fit (reported in the returned meta)."""
+def chat_job(turns: list[dict[str, str]], params: SamplingParams, param: str, roles: tuple[str, ...] = ("policy",),
+             drop_oldest: bool = True) -> tuple[Job, dict[str, Any]]:
+    """A training-format chat job. Too long for the context: with ``drop_oldest`` the oldest turns
+    are dropped to fit (reported in the returned meta), else a 400 ``context_length_exceeded``."""
     eng = ready_engine()
     check_turns(turns, param)
     prompt, n_tokens, dropped = fit_turns(turns, count_tokens(eng), context_budget(eng, params.max_new_tokens), param,
-                                          formatter_for(eng.models.policy.tokenizer))
+                                          formatter_for(eng.models.policy.tokenizer), drop_oldest)
     job = Job(prompt=prompt, params=params, roles=roles, stops=TURN_STOPS + params.stop,
               timeout_s=current_app.config["REQUEST_TIMEOUT_S"])
     return submit(eng, job), {"prompt_tokens": n_tokens, "truncated_turns": dropped}
