@@ -138,7 +138,7 @@ def preference() -> Any:
     path = Path(current_app.config["PREFERENCES_PATH"])
     formatter = formatter_for(jobs.ready_engine().models.policy.tokenizer)  # rows as the model was trained
     row = preference_row(turns, chosen or "", rejected or "", formatter)
-    check_pair(chosen or "", rejected or "", row, formatter)
+    check_pair(turns, chosen or "", rejected or "", row, formatter)
     current_app.extensions["dpolab.preference_limit"].admit(path, encode_row(row))
     append_row(path, row)
     return jsonify(saved=True, file=path.name, rows=count_rows(path)), 201
