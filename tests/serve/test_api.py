@@ -323,8 +323,13 @@ def test_unknown_api_routes_are_json(client):
     assert client.get("/api/generate").status_code == 405
 
 
-def test_experiments_page_without_sweep(client):
-    assert "not come from a sweep" in client.get("/experiments").get_data(as_text=True)
+def test_experiments_page_without_run_records(make_app, run_dir):
+    from dpolab.serve.models import load_served_models
+
+    client = make_app(MODELS=load_served_models(str(run_dir / "model"))).test_client()  # an export folder
+    assert "does not come from a run or sweep folder" in client.get("/experiments").get_data(as_text=True)
+    assert client.get("/api/model").json["server"]["experiments"] is False
+    assert client.get("/experiments/report/loss.png").status_code == 404
 
 
 def test_two_workers_generate_concurrently(make_app):

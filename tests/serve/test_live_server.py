@@ -238,3 +238,23 @@ def test_serve_command_with_relative_paths(sweep_dir):
         assert connection.getresponse().status == 400
         connection.close()
     assert len((cwd / "prefs.jsonl").read_text().splitlines()) == 1  # relative to where it was typed
+
+
+def test_experiments_page_of_a_single_run_with_its_report(run_dir, tmp_path):
+    """`dpolab report run` then `dpolab serve run`: the experiments page showed "not a sweep";
+    it now shows the run's table, the report's plots and the full report."""
+    import shutil
+
+    from dpolab.cli import main
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    assert main(["report", str(tmp_path / "run")]) == 0
+    with serve_cli("run", "--preferences", "prefs.jsonl", cwd=tmp_path) as (url, _, _):
+        status, page = get(f"{url}/experiments")
+        assert status == 200 and "Run <strong>tiny</strong>" in page and "<th>beta</th>" in page
+        assert "/experiments/report/eval_loss.png" in page and "table.png" not in page
+        with urllib.request.urlopen(f"{url}/experiments/report/eval_loss.png", timeout=30) as response:
+            assert response.status == 200 and response.read().startswith(b"\x89PNG")
+        status, report = get(f"{url}/experiments/report.html")
+        assert status == 200 and "<html" in report.lower()
+        assert get(f"{url}/api/model")[1].count('"experiments":true') == 1

@@ -58,7 +58,7 @@ def model_info() -> Any:
                    server={"workers": eng.workers, "max_queue": eng.max_queue,
                            "request_timeout_s": config["REQUEST_TIMEOUT_S"],
                            "preferences_file": Path(config["PREFERENCES_PATH"]).name,
-                           "experiments": eng.models.sweep_dir is not None})
+                           "experiments": jobs.records_dir() is not None})
 
 
 def _turns(data: dict[str, Any]) -> list[dict[str, str]]:

@@ -5,6 +5,7 @@ while watching for a client that went away."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from flask import Response, current_app, request, stream_with_context
@@ -28,6 +29,17 @@ def ready_engine() -> Engine:
         raise ApiError(eng.load_error or "models are still loading", status=503, type_="server_error",
                        code="not_ready", headers={"Retry-After": "5"})
     return eng
+
+
+def records_dir() -> Path | None:
+    """The sweep or run folder the served model comes from (its records make the experiments page);
+    None for an export, an adapter or a Hub model, and while loading."""
+    models = engine().models
+    if models is None:
+        return None
+    if models.sweep_dir is not None:
+        return models.sweep_dir
+    return Path(models.info["source"]) if models.info.get("kind") == "run" else None
 
 
 def context_budget(eng: Engine, max_new_tokens: int) -> int:
