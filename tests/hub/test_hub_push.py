@@ -24,7 +24,7 @@ def exported_bytes(export_dir) -> dict[str, bytes]:
 
 
 def test_push_uploads_exactly_the_export_in_one_commit(sweep_export, fake_hub):
-    """Acceptance 3: the server receives exactly the exported files, byte for byte, in one commit."""
+    """The server receives exactly the exported files, byte for byte, in one commit."""
     plan = plan_push(sweep_export.out_dir, REPO, private=True)
     url = push(plan)
 

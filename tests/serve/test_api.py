@@ -1,4 +1,4 @@
-"""JSON API and page through the Flask test client: every endpoint and every error of issue 4."""
+"""JSON API and page through the Flask test client: every endpoint and every error it answers."""
 
 from __future__ import annotations
 

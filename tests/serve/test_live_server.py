@@ -1,5 +1,5 @@
 """The real server (waitress on 127.0.0.1): streaming over HTTP, disconnect = cancel, and the
-bounded load test of acceptance 4."""
+bounded load test."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_disconnected_client_stops_its_generation(live_server, make_app):
 
 
 def test_close_finishes_responses_before_closing_sockets(make_app):
-    """Issue 13's EBADF: a request thread still writing a response when the loop closed its
+    """EBADF at shutdown: a request thread still writing a response when the loop closed its
     wake-up pipe got "Bad file descriptor". Closing now cancels the generation, lets the response
     finish (the client reads its last event) and ends every request thread before the sockets go."""
     from dpolab.serve.server import ServerThread
@@ -129,7 +129,7 @@ def test_close_finishes_responses_before_closing_sockets(make_app):
 
 
 def test_bounded_load_8_threads_x_8_requests(live_server, make_app):
-    """Acceptance 4: 8 client threads x 8 requests, tiny model, 2-slot queue (1 worker + 2 waiting):
+    """8 client threads x 8 requests, tiny model, 2-slot queue (1 worker + 2 waiting):
     no 5xx, every request answered (200) or refused (429 + Retry-After), server still healthy."""
     app = make_app(WORKERS=1, MAX_QUEUE=2)
     # Admitted generations are held until the first 429 is seen, so the overflow is certain,
@@ -218,7 +218,7 @@ def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path, st
 
 
 def test_serve_command_with_relative_paths(sweep_dir):
-    """Issue 12 item 1: `dpolab serve beta-sweep` typed in the sweep's parent folder. The plots and
+    """`dpolab serve beta-sweep` typed in the sweep's parent folder. The plots and
     the full report answered 404 (Flask resolved the relative folder against its package root)."""
     cwd = sweep_dir.parent
     with serve_cli(sweep_dir.name, "--preferences", "prefs.jsonl", cwd=cwd) as (url, _, _):

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: through the Flask test client, then (acceptance 2) the official
+"""OpenAI-compatible endpoints: through the Flask test client, then the official
 ``openai`` client against the live waitress server."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_openai_errors_are_openai_shaped(client, path, payload, field, status):
 
 
 def test_openai_client_against_live_server(live_server, served):
-    """Acceptance 2: the official client (max_retries=0) on 127.0.0.1, served by waitress."""
+    """The official client (max_retries=0) on 127.0.0.1, served by waitress."""
     import openai
 
     url = live_server()

@@ -105,7 +105,7 @@ def wait_result(job: Job, disconnected: Callable[[], bool]) -> dict[str, Any]:
         while True:
             event = job.next_event(POLL_S)
             # Checked on every event too, not only when none came for POLL_S: a model that keeps
-            # writing would otherwise keep running for a client that is gone (issue 12, W8).
+            # writing would otherwise keep running for a client that is gone.
             if disconnected():
                 job.cancel()
             if event is None:

@@ -280,7 +280,7 @@ def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[
     pad = loaded.tokenizer.pad_token_id or 0
     # An answer that fills the context (prompt + max new tokens = context) is one position too long
     # once EOS is appended, and re-tokenized text can be longer than the ids generated: score what
-    # fits, never index past the position embeddings (issue 12, W5).
+    # fits, never index past the position embeddings (an IndexError after the whole answer).
     answers = [a[: max(0, loaded.context_length - len(prompt_ids))] for a in answers]
     length = max(len(prompt_ids) + len(a) for a in answers)
     input_ids = torch.full((len(answers), length), pad, dtype=torch.long)  # (S, T)
