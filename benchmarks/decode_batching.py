@@ -1,4 +1,4 @@
-"""How to batch decoding on a CPU, measured in one process: the issue's case, 8 chat prompts x 32
+"""How to batch decoding on a CPU, measured in one process: a busy server's case, 8 chat prompts x 32
 greedy new tokens on GPT-2 124M, decoded four ways.
 
     python benchmarks/decode_batching.py --model gpt2-124m-random --repeats 3

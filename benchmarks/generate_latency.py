@@ -29,8 +29,8 @@ from common import cuda_sync, machine_info, publish, rotated, summarize
 logger = logging.getLogger("generate_latency")
 
 PRECISIONS = ["plain_fp32", "fp32", "bf16", "int8"]
-# Bytes per parameter read per decoded token, for the bandwidth floor (measured by the issue's
-# author on this machine: ~33 ms/token fp32 for 124M parameters).
+# Bytes per parameter read per decoded token, for the bandwidth floor (an earlier estimate
+# for this machine: ~33 ms/token fp32 for 124M parameters).
 BYTES_PER_PARAM = {"plain_fp32": 4, "fp32": 4, "bf16": 2, "int8": 1}
 FP32_FLOOR_MS_124M = 33.0
 

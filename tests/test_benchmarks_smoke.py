@@ -113,15 +113,30 @@ def test_gpu_check_without_cuda_fails_in_one_line(tmp_path):
 
 
 def test_mfu_inputs():
-    """The two numbers MFU is built from, for GPT-2 124M on an H100 (checked by hand against the formula)."""
+    """The two numbers MFU is built from, for GPT-2 124M on an H100: the datasheet's bf16 dense peak,
+    and the FLOPs per trained token that the throughput benchmark computes from the real model and
+    data, against the same number worked out by hand from GPT-2's shapes."""
     sys.path.insert(0, str(BENCHMARKS))
-    from common import gpu_peak_tflops, training_flops_per_token
+    from common import gpu_peak_tflops
+    from train_throughput import _flops_per_token
+
+    from dpolab.model import build_builtin
 
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu_peak_tflops("NVIDIA H200") == 989.0
     assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gpu_peak_tflops("Some Future GPU") is None
-    # GPT-2 124M: 85.0M non-embedding + 38.6M head weights; T = 300 tokens.
-    flops = training_flops_per_token(n_layer=12, n_embd=768, matmul_params=123_633_408, mean_seq_len=300)
-    assert flops == 6 * 123_633_408 + 12 * 12 * 768 * 300
+
+    # By hand, GPT-2 124M (L = 12 layers, H = 768, V = 50257), weights a token is multiplied by:
+    #   per layer: qkv 768*2304 + 2304 = 1,771,776; attn proj 768*768 + 768 = 590,592;
+    #              mlp up 768*3072 + 3072 = 2,362,368; mlp down 3072*768 + 768 = 2,360,064;
+    #              two layer norms 2 * 1536 = 3,072                      -> 7,087,872
+    #   12 layers 85,054,464 + final layer norm 1,536                    -> 85,056,000
+    #   LM head V*H = 50257*768 = 38,597,376 (tied to the input embedding, still a matmul)
+    #   N = 123,653,376; the input and position embeddings are lookups, not counted.
+    # One pair: a 2-token prompt, a 3-token chosen and a 1-token rejected answer -> sequences of 5 and 3
+    # tokens, token-weighted mean length T = (5*5 + 3*3) / (5 + 3) = 4.25.
+    # 6 N + 12 L H T = 741,920,256 + 470,016 = 742,390,272 FLOPs per trained token.
+    pairs = {"prompt_ids": [[1, 2]], "chosen_ids": [[3, 4, 5]], "rejected_ids": [[6]]}
+    assert _flops_per_token(build_builtin("gpt2-124m-random"), pairs) == 742_390_272
 
 
 def test_gpu_check_fsdp_comparison(tmp_path):

@@ -1,5 +1,5 @@
 """Bad models, output folders and storages: one line naming what is wrong, exit code 2, no
-traceback (C2, C3), and no password in sweep.json (X2)."""
+traceback, and no password in sweep.json."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
+import ast
 import dataclasses
+import re
+import types
+import typing
+from typing import Any
 
 import pytest
 
@@ -107,6 +112,25 @@ def test_loss_type_one_or_several_from_yaml_list_string_or_command_line(tmp_path
     assert not load_config(None, {"loss_type": "simpo,sigmoid"}).reference_free
 
 
+def _type_name(annotation: Any) -> str:
+    """How a field's help spells its type: ``int | None``, ``list[str]``; a Literal of choices is ``str``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(sorted({type(a).__name__ for a in args}))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return "None" if annotation is type(None) else annotation.__name__
+
+
 def test_every_field_is_documented():
+    """Each help opens with "(type, default): meaning", and that type and default are the field's."""
+    hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        assert field.metadata.get("help", "").startswith("("), field.name
+        match = re.match(r"\((?P<type>[^,]+), (?P<default>.+?)\): \S", field.metadata.get("help", ""))
+        assert match, f"{field.name}: help does not start with '(type, default): '"
+        assert match["type"] == _type_name(hints[field.name]), field.name
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        documented = ast.literal_eval(match["default"])
+        assert documented == default and type(documented) is type(default), (field.name, documented, default)

@@ -1,4 +1,4 @@
-"""Item 1: the CLI run from a working directory with relative paths. Paths are resolved once at
+"""The CLI run from a working directory with relative paths. Paths are resolved once at
 the command-line edge, so a run trained with `--dataset data/pairs.jsonl.gz` in one folder is
 evaluated, reported, exported and (dry-run) pushed from another, all with relative paths."""
 

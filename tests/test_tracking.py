@@ -212,3 +212,52 @@ def test_tensorboard_and_trackio_match_local_records(tmp_path):
     trackio_drift = {r["train/global_step"]: r["eval/samples/policy_tokens"] for r in rows
                      if "eval/samples/policy_tokens" in r}
     assert trackio_drift == drift
+
+
+def _train_cli(cwd: Path, report_to: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`dpolab train` as a user types it: relative output folder, in ``cwd``, a one-step run."""
+    return subprocess.run([sys.executable, "-m", "dpolab.cli", "train", "--config",
+                           str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), "--output-dir", "run",
+                           "--max-train-pairs", "8", "--max-eval-pairs", "4", "--max-steps", "1",
+                           "--per-device-train-batch-size", "4", "--max-length", "64", "--max-prompt-length", "32",
+                           "--sample-prompts", "1", "--sample-max-new-tokens", "4", "--report-to", report_to],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_wandb_without_login_falls_back_to_offline_in_the_run_folder(tmp_path):
+    """No API key, no netrc, no WANDB_MODE, no terminal: W&B used to raise "No API key configured"
+    after the data was prepared. The run now logs offline into RUN/wandb/ and says so in one line."""
+    pytest.importorskip("wandb")
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"), XDG_CONFIG_HOME=str(home / ".config"),
+               WANDB_CONFIG_DIR=str(home / ".config" / "wandb"), WANDB_SILENT="true",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    result = _train_cli(work, "wandb", env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    offline = [line for line in result.stderr.splitlines() if "no API key or login found" in line]
+    assert len(offline) == 1, result.stderr[-3000:]
+    runs = list((work / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((work / "run").iterdir())
+    assert sorted(p.name for p in work.iterdir()) == ["run"]
+
+
+def test_mlflow_writes_nothing_outside_the_run_folder(tmp_path):
+    """MLflow's SQLite store kept its artifacts (the samples tables) in ./mlruns of the working
+    directory; they belong in the run folder with the rest of the run's records."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    result = _train_cli(tmp_path, "mlflow", env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    run_dir = (tmp_path / "run").resolve()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(run_dir), run.info.artifact_uri
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert artifacts == ["samples/step_000001.json"]

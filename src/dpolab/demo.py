@@ -1,8 +1,8 @@
 """``dpolab demo`` (what ``make demo`` runs): the whole pipeline on the embedded default, offline.
 
 The standard recipe: SFT of tiny-gpt2 on the chosen answers of the bundled real HH-RLHF sample,
-then three DPO configurations from that SFT model (the original project's 3-row study, shrunk for
-a CPU) with one shared reference pass (the SFT model), best trial picked by held-out eval loss,
+then three DPO configurations from that SFT model (the default sweep's 3-row table of learning
+rate, batch size and weight decay, shrunk for a CPU) with one shared reference pass (the SFT model), best trial picked by held-out eval loss,
 then the report with both stages. Re-running resumes: finished runs and trials are skipped.
 """
 

@@ -164,6 +164,46 @@ def end_tracker_runs(failed: bool = False) -> None:
         mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
+def wandb_offline_unless_logged_in(report_to: list[str], run_dir: Path) -> None:
+    """Run W&B offline when it is asked for, no ``WANDB_MODE`` is set and no login is found.
+
+    Without a key W&B asks at a terminal and raises "No API key configured" anywhere else, long
+    after the data was prepared; offline, the run is kept in ``RUN/wandb/`` for ``wandb sync``.
+    W&B reads its environment once per process, so the mode is set through ``wandb.setup``.
+    """
+    if "wandb" not in report_to or "WANDB_MODE" in os.environ:
+        return
+    import wandb
+
+    if wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):
+        return  # decided already (an earlier run of this process, a sweep's trial)
+    # Looks for WANDB_API_KEY, W&B's settings files and ~/.netrc; never prompts, never goes online.
+    if wandb.login(prompt=False, verify=False):
+        return
+    logger.warning("W&B: no API key or login found (WANDB_API_KEY, `wandb login`): logging offline into "
+                   "%s; `wandb sync` uploads it later", Path(run_dir).resolve() / "wandb")
+    wandb.setup(wandb.Settings(mode="offline"))
+
+
+def mlflow_artifact_store() -> None:
+    """Keep a local MLflow store's artifacts beside it, not in the working directory.
+
+    An SQLite store puts artifacts (the samples tables) in ``./mlruns`` of the working directory
+    unless the experiment names a location. So the experiment transformers logs into is created
+    here first, with ``mlartifacts/`` next to the database file (``RUN/mlflow.db`` by default);
+    an experiment that exists already, and any other kind of store, keep their own location.
+    """
+    uri, name = os.environ.get("MLFLOW_TRACKING_URI", ""), os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if not (uri.startswith("sqlite:///") and name):
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is None:
+        artifacts = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+        client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
 @contextmanager
 def tracker_session(report_to: list[str], run_dir: Path) -> Iterator[None]:
     """One training run's tracker scope: run-folder defaults in, tracker runs closed out."""
@@ -172,6 +212,9 @@ def tracker_session(report_to: list[str], run_dir: Path) -> Iterator[None]:
         return
     failed = True
     with env_defaults(tracker_defaults(report_to, run_dir)):
+        wandb_offline_unless_logged_in(report_to, run_dir)  # inside: W&B reads WANDB_DIR once, here
+        if "mlflow" in report_to:
+            mlflow_artifact_store()
         try:
             yield
             failed = False

@@ -10,7 +10,7 @@ from dpolab.runs import resolve_run
 
 
 def test_card_metadata_matches_the_run_records(sweep_export, hub_sweep):
-    """Acceptance 2: base_model, datasets and eval results equal the best trial's records."""
+    """base_model, datasets and eval results equal the best trial's records."""
     run = resolve_run(hub_sweep.path)
     info, summary = run.info(), run.summary()
     card = ModelCard.load(sweep_export.out_dir / "README.md")

@@ -17,7 +17,7 @@ EXPECTED_FILES = {"README.md", "config.json", "generation_config.json", "model.s
 
 
 def test_export_writes_the_hf_layout_and_generates(sweep_export):
-    """Acceptance 1 (first half): the export loads in a transformers pipeline and generates text."""
+    """The export loads in a transformers pipeline and generates text."""
     from transformers import pipeline
 
     assert set(sweep_export.files) == EXPECTED_FILES
@@ -32,7 +32,7 @@ def test_export_writes_the_hf_layout_and_generates(sweep_export):
 
 
 def test_second_export_is_byte_identical(sweep_export, hub_sweep, tmp_path):
-    """Acceptance 1 (second half): same input -> same bytes, file by file."""
+    """Same input -> same bytes, file by file."""
     again = export(hub_sweep.path, tmp_path / "again")
     assert again.files == sweep_export.files
     for rel in sweep_export.files:

@@ -14,7 +14,7 @@ import pytest
 
 from dpolab.cli import main
 from dpolab.errors import DpolabError
-from dpolab.hub.push import PushError, check_repo_id, plan_push, push
+from dpolab.hub.push import PushError, plan_push, push
 
 REPO = "alice/dpo-tiny"
 
@@ -24,7 +24,7 @@ def exported_bytes(export_dir) -> dict[str, bytes]:
 
 
 def test_push_uploads_exactly_the_export_in_one_commit(sweep_export, fake_hub):
-    """Acceptance 3: the server receives exactly the exported files, byte for byte, in one commit."""
+    """The server receives exactly the exported files, byte for byte, in one commit."""
     plan = plan_push(sweep_export.out_dir, REPO, private=True)
     url = push(plan)
 
@@ -122,15 +122,20 @@ def test_no_token(sweep_export, fake_hub, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("repo_id", ["dpo-tiny", "alice/dpo/tiny", "alice/dpo tiny", "alice/-dpo", "alice/dpo..x",
-                                     "/dpo", "alice/"])
+                                     "/dpo", "alice/", "alice/" + "x" * 97])
 def test_malformed_repo_id(sweep_export, repo_id):
     with pytest.raises(PushError, match="is malformed: expected USER/NAME"):
         plan_push(sweep_export.out_dir, repo_id)
 
 
-def test_valid_repo_ids_pass():
-    for repo_id in ("alice/dpo-tiny", "Org_1/gpt2.dpo-v2"):
-        check_repo_id(repo_id)
+@pytest.mark.parametrize("repo_id", ["alice/dpo-tiny", "Org_1/gpt2.dpo-v2", "a/b", "alice/" + "x" * 96])
+def test_valid_repo_ids_pass(sweep_export, repo_id):
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)  # the Hub client's own rule takes it, so ours must too
+    plan = plan_push(sweep_export.out_dir, repo_id)
+    assert plan.repo_id == repo_id and plan.url is None  # planned for exactly this repo, nothing pushed
+    assert [name for name, _ in plan.files if name == "model.safetensors"] == ["model.safetensors"]
 
 
 def test_folder_not_an_export(tmp_path, sweep_export, hub_run):

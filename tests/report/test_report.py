@@ -1,4 +1,4 @@
-"""Acceptance 6: each chart is a real, non-blank image of the right chart (checked on the figure
+"""Each chart is a real, non-blank image of the right chart (checked on the figure
 before saving), and the table rows match the records. Records are written through dpolab.runs
 with distinctive values, so a report that reads the wrong field or trial fails."""
 

@@ -1,4 +1,4 @@
-"""JSON API and page through the Flask test client: every endpoint and every error of issue 4."""
+"""JSON API and page through the Flask test client: every endpoint and every error it answers."""
 
 from __future__ import annotations
 
@@ -323,26 +323,43 @@ def test_unknown_api_routes_are_json(client):
     assert client.get("/api/generate").status_code == 405
 
 
-def test_experiments_page_without_sweep(client):
-    assert "not come from a sweep" in client.get("/experiments").get_data(as_text=True)
+def test_experiments_page_without_run_records(make_app, run_dir):
+    from dpolab.serve.models import load_served_models
+
+    client = make_app(MODELS=load_served_models(str(run_dir / "model"))).test_client()  # an export folder
+    assert "does not come from a run or sweep folder" in client.get("/experiments").get_data(as_text=True)
+    assert client.get("/api/model").json["server"]["experiments"] is False
+    assert client.get("/experiments/report/loss.png").status_code == 404
 
 
 def test_two_workers_generate_concurrently(make_app):
-    """WORKERS=2: both workers call generate() on the same shared model at once; every answer arrives."""
+    """WORKERS=2: both workers are inside generate() on the same shared models at once, and every
+    answer arrives. Each generation waits at a barrier for the other one: workers that took the
+    jobs one after the other would leave the first waiting until the barrier's timeout (a 500)."""
     app = make_app(WORKERS=2, MAX_QUEUE=2)
-    results: list[int] = []
+    engine = app.extensions["dpolab.engine"]
+    real, meeting = engine.generate, threading.Barrier(2, timeout=60)
+
+    def generate_together(loaded, prompt_ids, params, sink, stop):
+        meeting.wait()  # raises BrokenBarrierError unless the other worker arrives meanwhile
+        return real(loaded, prompt_ids, params, sink, stop)
+
+    engine.generate = generate_together
+    results: list[tuple[int, list[str]]] = []
 
     def ask(i: int) -> None:
         response = app.test_client().post("/api/generate", json={"prompt": f"q{i}", "max_new_tokens": 4,
-                                                                 "compare": i % 2 == 0})
-        results.append(response.status_code if response.json.get("text") is not None else -1)
+                                                                 "compare": True})
+        results.append((response.status_code, [a["role"] for a in response.json.get("answers", [])]))
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == [200] * 4
+    # Policy with policy, then reference with reference: two meetings, four generations.
+    assert results == [(200, ["policy", "reference"])] * 2
+    assert not meeting.broken
 
 
 def test_int8_precision_serves_answers_with_rewards(run_dir, make_app):

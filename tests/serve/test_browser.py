@@ -1,4 +1,4 @@
-"""Acceptance 3 and 5: a real headless Chromium (Debian's, driven by Playwright) uses the page
+"""A real headless Chromium (Debian's, driven by Playwright) uses the page
 against the live waitress server, and takes the README screenshot."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def open_page(browser, url: str, **context):
 def test_chat_stream_stop_compare_and_prefer(browser, live_server, make_app, tmp_path):
     app = make_app(MAX_NEW_TOKENS=512, DEFAULT_MAX_NEW_TOKENS=12, MAX_QUEUE=4)
     # The first answer is held open after its first tokens until the Stop click's cancel arrives:
-    # a fast model can no longer finish before the click lands (issue 13).
+    # a fast model can no longer finish before the click lands.
     gate = Gate(app)
     url = live_server(app=app)
     app_prefs = Path(tmp_path / "preferences.jsonl")  # make_app's PREFERENCES_PATH
@@ -167,7 +167,7 @@ def test_model_output_is_text_not_html(browser, live_server, make_app):
 
 
 def test_unknown_beta_is_said_on_the_page(browser, live_server, make_app, run_dir, tmp_path):
-    """Issue 12 item 5: a model folder that records nothing about its training (no run, no card)
+    """A model folder that records nothing about its training (no run, no card)
     gets rewards scaled by the default beta, and the page says so next to them."""
     import shutil
 

@@ -1,5 +1,5 @@
 """The real server (waitress on 127.0.0.1): streaming over HTTP, disconnect = cancel, and the
-bounded load test of acceptance 4."""
+bounded load test."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_disconnected_client_stops_its_generation(live_server, make_app):
 
 
 def test_close_finishes_responses_before_closing_sockets(make_app):
-    """Issue 13's EBADF: a request thread still writing a response when the loop closed its
+    """EBADF at shutdown: a request thread still writing a response when the loop closed its
     wake-up pipe got "Bad file descriptor". Closing now cancels the generation, lets the response
     finish (the client reads its last event) and ends every request thread before the sockets go."""
     from dpolab.serve.server import ServerThread
@@ -129,7 +129,7 @@ def test_close_finishes_responses_before_closing_sockets(make_app):
 
 
 def test_bounded_load_8_threads_x_8_requests(live_server, make_app):
-    """Acceptance 4: 8 client threads x 8 requests, tiny model, 2-slot queue (1 worker + 2 waiting):
+    """8 client threads x 8 requests, tiny model, 2-slot queue (1 worker + 2 waiting):
     no 5xx, every request answered (200) or refused (429 + Retry-After), server still healthy."""
     app = make_app(WORKERS=1, MAX_QUEUE=2)
     # Admitted generations are held until the first 429 is seen, so the overflow is certain,
@@ -173,8 +173,10 @@ def test_bounded_load_8_threads_x_8_requests(live_server, make_app):
 
 
 @contextlib.contextmanager
-def serve_cli(*args: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
-    """The real `dpolab serve ARGS` run from ``cwd``: yields (url once /healthz is 200, process, output)."""
+def serve_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen,
+                                                                                        list[str]]]:
+    """The real `dpolab serve ARGS` run from ``cwd``: yields (url on 127.0.0.1 once /healthz is 200,
+    process, output)."""
 
     def like_a_terminal() -> None:
         # A shell starts background jobs with SIGINT ignored, and Python then never raises
@@ -182,16 +184,16 @@ def serve_cli(*args: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen, li
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     process = subprocess.Popen([sys.executable, "-m", "dpolab.cli", "serve", *args, "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env,
                                preexec_fn=like_a_terminal)
     output: list[str] = []
     try:
         first = process.stdout.readline()
-        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", first)
+        match = re.search(r"listening on http://(127\.0\.0\.1|0\.0\.0\.0):(\d+)", first)
         assert match, first + process.stdout.read()
         # Keep reading: a server whose output pipe fills up blocks on its next log line.
         threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
-        url = match.group(1)
+        url = f"http://127.0.0.1:{match.group(2)}"
         wait_for(lambda: healthy(url), timeout=300)
         yield url, process, output
     finally:
@@ -216,7 +218,7 @@ def test_serve_command_starts_waitress_and_stops_on_ctrl_c(run_dir, tmp_path, st
 
 
 def test_serve_command_with_relative_paths(sweep_dir):
-    """Issue 12 item 1: `dpolab serve beta-sweep` typed in the sweep's parent folder. The plots and
+    """`dpolab serve beta-sweep` typed in the sweep's parent folder. The plots and
     the full report answered 404 (Flask resolved the relative folder against its package root)."""
     cwd = sweep_dir.parent
     with serve_cli(sweep_dir.name, "--preferences", "prefs.jsonl", cwd=cwd) as (url, _, _):
@@ -236,3 +238,23 @@ def test_serve_command_with_relative_paths(sweep_dir):
         assert connection.getresponse().status == 400
         connection.close()
     assert len((cwd / "prefs.jsonl").read_text().splitlines()) == 1  # relative to where it was typed
+
+
+def test_experiments_page_of_a_single_run_with_its_report(run_dir, tmp_path):
+    """`dpolab report run` then `dpolab serve run`: the experiments page showed "not a sweep";
+    it now shows the run's table, the report's plots and the full report."""
+    import shutil
+
+    from dpolab.cli import main
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    assert main(["report", str(tmp_path / "run")]) == 0
+    with serve_cli("run", "--preferences", "prefs.jsonl", cwd=tmp_path) as (url, _, _):
+        status, page = get(f"{url}/experiments")
+        assert status == 200 and "Run <strong>tiny</strong>" in page and "<th>beta</th>" in page
+        assert "/experiments/report/eval_loss.png" in page and "table.png" not in page
+        with urllib.request.urlopen(f"{url}/experiments/report/eval_loss.png", timeout=30) as response:
+            assert response.status == 200 and response.read().startswith(b"\x89PNG")
+        status, report = get(f"{url}/experiments/report.html")
+        assert status == 200 and "<html" in report.lower()
+        assert get(f"{url}/api/model")[1].count('"experiments":true') == 1

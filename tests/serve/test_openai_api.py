@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: through the Flask test client, then (acceptance 2) the official
+"""OpenAI-compatible endpoints: through the Flask test client, then the official
 ``openai`` client against the live waitress server."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_openai_errors_are_openai_shaped(client, path, payload, field, status):
 
 
 def test_openai_client_against_live_server(live_server, served):
-    """Acceptance 2: the official client (max_retries=0) on 127.0.0.1, served by waitress."""
+    """The official client (max_retries=0) on 127.0.0.1, served by waitress."""
     import openai
 
     url = live_server()
@@ -103,3 +103,40 @@ def test_openai_client_against_live_server(live_server, served):
     assert caught.value.status_code == 400 and caught.value.param == "n"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
+
+
+def test_openai_client_gets_400_not_a_silently_changed_request(live_server, served):
+    """Unsupported parameters, max_tokens past the server's cap and a conversation past the context
+    used to answer 200 (ignored, capped to 8, oldest turns trimmed): each is now OpenAI's 400
+    naming the field; trimming is opt-in and reported."""
+    import openai
+
+    url = live_server(MAX_CONTEXT=48, MAX_NEW_TOKENS=8)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=60)
+    hi = {"model": served.policy.id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    refused = [({"response_format": {"type": "json_object"}}, "response_format"),
+               ({"tool_choice": "auto"}, "tool_choice"),
+               ({"extra_body": {"min_p": 0.1}}, "min_p"),
+               ({"extra_body": {"min_p": 0.1, "guided_json": {}}}, "guided_json"),
+               ({"max_tokens": 10**9}, "max_tokens")]
+    for extra, param in refused:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**{**hi, **extra})
+        assert caught.value.status_code == 400 and caught.value.param == param, caught.value
+        assert param in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=served.policy.id, prompt="hi", max_tokens=9)
+    assert caught.value.param == "max_tokens" and "at most 8" in caught.value.message
+    # The no-op values of unsupported features are still fine, and so is the cap itself.
+    ok = client.chat.completions.create(**{**hi, "max_tokens": 8}, response_format={"type": "text"},
+                                        tool_choice="none", user="me")
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+    history = [{"role": "user", "content": "first question " * 10}, {"role": "assistant", "content": "answer " * 10},
+               {"role": "user", "content": "last one"}]
+    long = {"model": served.policy.id, "messages": history, "max_tokens": 4}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**long)
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
+    trimmed = client.chat.completions.create(**long, extra_body={"truncate_turns": True})
+    assert trimmed.model_extra["truncated_turns"] == 2 and trimmed.usage.prompt_tokens <= 48 - 4

@@ -1,4 +1,4 @@
-"""Acceptance 1 and 3: a 3-trial grid finishes, the reference pass runs once, best.json is the
+"""A 3-trial grid finishes, the reference pass runs once, best.json is the
 lowest eval loss; a failing trial is recorded as failed and the others finish."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_sweep_config_validation_and_yaml(tmp_path):
         SweepConfig(trials=[{"lerning_rate": 1e-3}])
     with pytest.raises(ConfigError, match="names must be unique"):
         SweepConfig(trials=[{"name": "a"}, {"name": "a"}])
-    # Default: the original project's table.
+    # Default: the 3-row table of learning rate, batch size and weight decay.
     default = SweepConfig()
     assert [(p["learning_rate"], p["per_device_train_batch_size"], p["weight_decay"], p["num_train_epochs"])
             for p in default.grid_points()] == [(5e-5, 3, 0.01, 2), (1e-4, 3, 0.01, 2), (5e-5, 4, 0.005, 2)]

@@ -1,4 +1,4 @@
-"""D6: a trial that kills its worker on every attempt is queued again at most ``max_retry`` times,
+"""A trial that kills its worker on every attempt is queued again at most ``max_retry`` times,
 then recorded as failed with the reason; the sweep finishes the other trials and later reruns
 do not start it again."""
 

@@ -1,4 +1,4 @@
-"""Acceptance 2 and 4: a sweep killed mid-trial resumes with every configuration done exactly once;
+"""A sweep killed mid-trial resumes with every configuration done exactly once;
 two worker processes share one study on a real PostgreSQL server without running a trial twice."""
 
 from __future__ import annotations

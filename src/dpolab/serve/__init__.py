@@ -10,6 +10,7 @@ Application factory in the Flask-tutorial style::
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "PREFERENCES_MAX_BYTES": 64 * 1024 * 1024,  # the preferences file's cap (507 past it)
     "MAX_CONTENT_LENGTH": 64 * 1024,  # request bodies over 64 KB -> 413
     "LOAD_IN_BACKGROUND": True,  # so /healthz can answer 503 while the models load
+    "API_KEY": None,  # set: every request but /healthz needs it (dpolab.serve.auth)
+    "LOAD_AT_CREATE": True,  # False: the caller starts loading (engine.start()), e.g. once its port is bound
 }
 
 # Model output is untrusted text: no inline script or style may run, whatever it contains.
@@ -46,6 +49,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from werkzeug.exceptions import HTTPException
 
     from dpolab.serve import api, openai_api, ui
+    from dpolab.serve.auth import require_key
     from dpolab.serve.generation import Engine
     from dpolab.serve.metrics import Metrics
     from dpolab.serve.models import load_served_models
@@ -70,7 +74,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["dpolab.engine"] = engine
     app.extensions["dpolab.preference_limit"] = GrowthLimit(
         config["PREFERENCE_MAX_ROW_BYTES"], config["PREFERENCES_PER_MINUTE"], config["PREFERENCES_MAX_BYTES"])
-    engine.start(background=config["LOAD_IN_BACKGROUND"] and preloaded is None)
+    if config["LOAD_AT_CREATE"]:
+        engine.start(background=config["LOAD_IN_BACKGROUND"] and preloaded is None)
 
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp)
@@ -94,6 +99,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.before_request
     def start_clock() -> None:
         g.started = time.monotonic()
+
+    if config["API_KEY"] is not None:
+        app.before_request(partial(require_key, config["API_KEY"]))
 
     @app.after_request
     def headers_and_metrics(response: Any) -> Any:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dpolab.serve import jobs
+from dpolab.serve.auth import same_origin
 from dpolab.serve.chat import formatter_for
 from dpolab.serve.preferences import append_row, check_pair, count_rows, encode_row, preference_row
 from dpolab.serve.validation import (
@@ -58,7 +58,7 @@ def model_info() -> Any:
                    server={"workers": eng.workers, "max_queue": eng.max_queue,
                            "request_timeout_s": config["REQUEST_TIMEOUT_S"],
                            "preferences_file": Path(config["PREFERENCES_PATH"]).name,
-                           "experiments": eng.models.sweep_dir is not None})
+                           "experiments": jobs.records_dir() is not None})
 
 
 def _turns(data: dict[str, Any]) -> list[dict[str, str]]:
@@ -138,7 +138,7 @@ def preference() -> Any:
     path = Path(current_app.config["PREFERENCES_PATH"])
     formatter = formatter_for(jobs.ready_engine().models.policy.tokenizer)  # rows as the model was trained
     row = preference_row(turns, chosen or "", rejected or "", formatter)
-    check_pair(chosen or "", rejected or "", row, formatter)
+    check_pair(turns, chosen or "", rejected or "", row, formatter)
     current_app.extensions["dpolab.preference_limit"].admit(path, encode_row(row))
     append_row(path, row)
     return jsonify(saved=True, file=path.name, rows=count_rows(path)), 201
@@ -150,8 +150,4 @@ def _same_origin_json() -> None:
     if request.mimetype != "application/json":
         raise ApiError(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}", status=415,
                        code="unsupported_media_type")
-    origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc != request.host:
-        raise ApiError(f"cross-origin request from {origin!r} refused", status=403, code="cross_origin")
-    if request.headers.get("Sec-Fetch-Site") not in (None, "same-origin", "none"):
-        raise ApiError("cross-site request refused", status=403, code="cross_origin")
+    same_origin()

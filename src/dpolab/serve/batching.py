@@ -20,8 +20,8 @@ One :class:`Batcher` (and one thread) per served model. Each answer is a *row*:
   padding in every row are cut, so one long prompt does not tax the batch after it leaves.
 
 Why our own loop rather than ``transformers``' continuous batching (``generate_batch``): on this
-CPU it was no faster than one plain left-padded ``generate`` (BENCHMARKS.md; the issue measured
-17.5 vs 69 tokens/s), it reserves most free RAM for its paged cache unless sized by hand, and it
+CPU it was no faster than one plain left-padded ``generate`` (BENCHMARKS.md: 17.5 vs 69
+tokens/s as first measured), it reserves most free RAM for its paged cache unless sized by hand, and it
 takes one generation config for all requests: no per-request sampling settings, stop strings or
 cancellation. This loop calls the model's ordinary forward with a ``DynamicCache``, so it serves
 every precision :mod:`dpolab.generate` loads (fp32, bf16, int8).

@@ -55,11 +55,12 @@ def check_turns(turns: list[dict[str, str]], param: str) -> None:
 
 
 def fit_turns(turns: list[dict[str, str]], count_tokens: Callable[[str], int], budget: int,
-              param: str, formatter: Formatter = HH) -> tuple[str, int, int]:
-    """Drop the oldest turns until the prompt fits ``budget`` tokens.
+              param: str, formatter: Formatter = HH, drop_oldest: bool = True) -> tuple[str, int, int]:
+    """Drop the oldest turns until the prompt fits ``budget`` tokens (only with ``drop_oldest``).
 
-    Returns (prompt, prompt_tokens, dropped_turns). A last user turn that does not fit on its own
-    is the client's error (400): cutting it would answer a question nobody asked.
+    Returns (prompt, prompt_tokens, dropped_turns). A conversation that does not fit is the
+    client's error (400 ``context_length_exceeded``) without ``drop_oldest``, and so is a last user
+    turn that does not fit on its own: cutting it would answer a question nobody asked.
     """
     turns = list(turns)
     dropped = 0
@@ -68,6 +69,11 @@ def fit_turns(turns: list[dict[str, str]], count_tokens: Callable[[str], int], b
         n_tokens = count_tokens(prompt)
         if n_tokens <= budget:
             return prompt, n_tokens, dropped
+        if not drop_oldest:
+            raise ApiError(
+                f"{param}: the conversation is {n_tokens} tokens; at most {budget} fit (context minus max "
+                f"tokens). Shorten it, ask for fewer tokens, or send \"truncate_turns\": true to drop the oldest "
+                f"turns", param=param, code="context_length_exceeded")
         if len(turns) == 1:
             raise ApiError(
                 f"{param}: the last user message alone is {n_tokens} tokens; at most {budget} fit "

@@ -5,6 +5,7 @@ while watching for a client that went away."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from flask import Response, current_app, request, stream_with_context
@@ -30,6 +31,17 @@ def ready_engine() -> Engine:
     return eng
 
 
+def records_dir() -> Path | None:
+    """The sweep or run folder the served model comes from (its records make the experiments page);
+    None for an export, an adapter or a Hub model, and while loading."""
+    models = engine().models
+    if models is None:
+        return None
+    if models.sweep_dir is not None:
+        return models.sweep_dir
+    return Path(models.info["source"]) if models.info.get("kind") == "run" else None
+
+
 def context_budget(eng: Engine, max_new_tokens: int) -> int:
     assert eng.models is not None
     context = current_app.config.get("MAX_CONTEXT") or eng.models.context_length()
@@ -42,13 +54,14 @@ def count_tokens(eng: Engine) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text).input_ids)
 
 
-def chat_job(turns: list[dict[str, str]], params: SamplingParams, param: str,
-             roles: tuple[str, ...] = ("policy",)) -> tuple[Job, dict[str, Any]]:
-    """A training-format chat job; oldest turns dropped to fit (reported in the returned meta)."""
+def chat_job(turns: list[dict[str, str]], params: SamplingParams, param: str, roles: tuple[str, ...] = ("policy",),
+             drop_oldest: bool = True) -> tuple[Job, dict[str, Any]]:
+    """A training-format chat job. Too long for the context: with ``drop_oldest`` the oldest turns
+    are dropped to fit (reported in the returned meta), else a 400 ``context_length_exceeded``."""
     eng = ready_engine()
     check_turns(turns, param)
     prompt, n_tokens, dropped = fit_turns(turns, count_tokens(eng), context_budget(eng, params.max_new_tokens), param,
-                                          formatter_for(eng.models.policy.tokenizer))
+                                          formatter_for(eng.models.policy.tokenizer), drop_oldest)
     job = Job(prompt=prompt, params=params, roles=roles, stops=TURN_STOPS + params.stop,
               timeout_s=current_app.config["REQUEST_TIMEOUT_S"])
     return submit(eng, job), {"prompt_tokens": n_tokens, "truncated_turns": dropped}
@@ -92,7 +105,7 @@ def wait_result(job: Job, disconnected: Callable[[], bool]) -> dict[str, Any]:
         while True:
             event = job.next_event(POLL_S)
             # Checked on every event too, not only when none came for POLL_S: a model that keeps
-            # writing would otherwise keep running for a client that is gone (issue 12, W8).
+            # writing would otherwise keep running for a client that is gone.
             if disconnected():
                 job.cancel()
             if event is None:

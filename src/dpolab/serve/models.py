@@ -281,7 +281,7 @@ def answer_logps(loaded: LoadedModel, prompt_ids: list[int], answers: list[list[
 
     # An answer that fills the context (prompt + max new tokens = context) is one position too long
     # once EOS is appended, and re-tokenized text can be longer than the ids generated: score what
-    # fits, never index past the position embeddings.
+    # fits, never index past the position embeddings (an IndexError after the whole answer).
     answers = [a[: max(0, loaded.context_length - len(prompt_ids))] for a in answers]
     return prompt_answer_logps(loaded.model, prompt_ids, answers, loaded.tokenizer.pad_token_id or 0)
 

@@ -1,11 +1,15 @@
 """OpenAI-compatible endpoints, so existing clients (the official ``openai`` package, LangChain,
 curl scripts) can talk to a dpolab model: /v1/models, /v1/completions, /v1/chat/completions.
 
-Only what a one-model CPU server can honour is accepted: ``n`` must be 1, and ``logprobs``,
-``echo``, ``best_of``, penalties and the other features in UNSUPPORTED must be absent or at their
-no-op value (a 400 naming the field otherwise, as OpenAI answers unsupported values); fields that
-change nothing about the answer (``user``, ``metadata``...) are ignored as OpenAI-compatible servers
-commonly do. ``seed`` fixes the sampling; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
+Nothing is changed or ignored without telling: ``n`` must be 1, ``logprobs``, ``echo``, penalties,
+tools, ``response_format`` and the other features in UNSUPPORTED must be absent or at their no-op
+value, any other parameter this server does not know is refused, ``max_tokens`` over the server's
+cap is refused rather than lowered, and a conversation longer than the context is OpenAI's 400
+``context_length_exceeded`` rather than trimmed (each a 400 naming the field, as OpenAI answers).
+Only fields that change nothing about the answer (IGNORED: ``user``, ``metadata``...) are ignored,
+as OpenAI-compatible servers commonly do. ``seed`` fixes the sampling; ``top_k`` and
+``repetition_penalty`` are accepted as extensions, and ``truncate_turns: true`` drops the oldest
+turns to fit the context, reported as ``truncated_turns`` in the response.
 """
 
 from __future__ import annotations
@@ -28,8 +32,16 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "time_limit":
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tools": (None, []), "functions": (None, []),
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
 }
+# Parameters that change nothing about the answer (bookkeeping, routing, caching hints).
+IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
+# What each endpoint honours; anything else (``min_p``, a typo) is refused by name.
+ACCEPTED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
+            "top_k", "repetition_penalty", *UNSUPPORTED, *IGNORED}
+COMPLETION_FIELDS = ACCEPTED | {"prompt"}
+CHAT_FIELDS = ACCEPTED | {"messages", "max_completion_tokens", "truncate_turns"}
 
 
 @bp.get("/models")
@@ -41,9 +53,15 @@ def list_models() -> Any:
                                         for m in models])
 
 
-def _common(data: dict[str, Any], default_max_tokens: int) -> tuple[SamplingParams, str, bool, bool]:
+def _common(data: dict[str, Any], default_max_tokens: int, accepted: set[str]) -> tuple[SamplingParams, str, bool,
+                                                                                         bool]:
     from flask import current_app
 
+    unknown = sorted(set(data) - accepted)
+    if unknown:
+        raise ApiError(f"unsupported parameter(s) {', '.join(unknown)}: this server does not implement "
+                       f"{'them' if len(unknown) > 1 else 'it'}; leave {'them' if len(unknown) > 1 else 'it'} out",
+                       param=unknown[0], code="unsupported_parameter")
     n = data.get("n", 1)
     if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(f"n must be 1: this server generates one choice per request, got {n!r}", param="n",
@@ -56,10 +74,13 @@ def _common(data: dict[str, Any], default_max_tokens: int) -> tuple[SamplingPara
             raise ApiError(f"{name} is not supported by this server (got {value!r}); leave it out",
                            param=name, code="unsupported_value")
     merged = {**OPENAI_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
-    if "max_tokens" not in merged and "max_completion_tokens" in merged:
-        merged["max_tokens"] = merged["max_completion_tokens"]
-    params, _ = sampling_params(merged, current_app.config["MAX_NEW_TOKENS"], max_tokens_key="max_tokens",
-                                default_max_new_tokens=default_max_tokens)
+    tokens_key = "max_completion_tokens" if "max_tokens" not in merged and "max_completion_tokens" in merged \
+        else "max_tokens"
+    cap = current_app.config["MAX_NEW_TOKENS"]
+    params, capped = sampling_params(merged, cap, max_tokens_key=tokens_key, default_max_new_tokens=default_max_tokens)
+    if capped:  # OpenAI refuses more than a model can write, and so does this server past its cap
+        raise ApiError(f"{tokens_key} is too large: {merged[tokens_key]}. This server writes at most {cap} tokens "
+                       "per answer (dpolab serve --max-new-tokens)", param=tokens_key, code="invalid_value")
     model_id = data.get("model")
     if model_id is not None and not isinstance(model_id, str):
         raise ApiError("model must be a string", param="model", code="invalid_type")
@@ -86,7 +107,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 @bp.post("/completions")
 def completions() -> Any:
     data = json_body()
-    params, role, stream, include_usage = _common(data, default_max_tokens=16)
+    params, role, stream, include_usage = _common(data, default_max_tokens=16, accepted=COMPLETION_FIELDS)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -102,14 +123,16 @@ def completions() -> Any:
 @bp.post("/chat/completions")
 def chat_completions() -> Any:
     data = json_body()
-    params, role, stream, include_usage = _common(data, default_max_tokens=128)
+    params, role, stream, include_usage = _common(data, default_max_tokens=128, accepted=CHAT_FIELDS)
+    truncate = boolean(data, "truncate_turns")
     raw = data.get("messages")
     if isinstance(raw, list):  # content may be a list of text parts: join them
         raw = [{**m, "content": _text_parts(m["content"], f"messages[{i}].content")}
                if isinstance(m, dict) and isinstance(m.get("content"), list) else m for i, m in enumerate(raw)]
     turns = messages({"messages": raw}, "messages")
-    job, meta = jobs.chat_job(turns, params, "messages", (role,))
-    return _respond(job, meta, stream, include_usage, chat=True)
+    job, meta = jobs.chat_job(turns, params, "messages", (role,), drop_oldest=truncate)
+    return _respond(job, meta, stream, include_usage, chat=True,
+                    extra={"truncated_turns": meta["truncated_turns"]} if truncate else {})
 
 
 def _text_parts(parts: list[Any], param: str) -> str:
@@ -128,10 +151,13 @@ def _text_parts(parts: list[Any], param: str) -> str:
     return "".join(texts)
 
 
-def _respond(job: Job, meta: dict[str, Any], stream: bool, include_usage: bool, chat: bool) -> Any:
+def _respond(job: Job, meta: dict[str, Any], stream: bool, include_usage: bool, chat: bool,
+             extra: dict[str, Any] | None = None) -> Any:
+    """``extra``: fields of our own extensions, in the response (and every chunk) beside OpenAI's."""
     created = int(time.time())
     prefix, obj = ("chatcmpl-", "chat.completion") if chat else ("cmpl-", "text_completion")
-    base = {"id": prefix + job.id, "object": obj + (".chunk" if chat and stream else ""), "created": created}
+    base = {"id": prefix + job.id, "object": obj + (".chunk" if chat and stream else ""), "created": created,
+            **(extra or {})}
     disconnected = jobs.disconnect_probe()
     if not stream:
         answer = jobs.wait_result(job, disconnected)["answers"][0]

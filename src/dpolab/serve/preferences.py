@@ -37,13 +37,42 @@ def preference_row(turns: list[dict[str, str]], chosen: str, rejected: str,
     return {"chosen": prompt + format_answer(chosen), "rejected": prompt + format_answer(rejected)}
 
 
-def check_pair(chosen: str, rejected: str, row: dict[str, Any], formatter: Formatter = HH) -> None:
+def template_markers(formatter: Formatter) -> list[str]:
+    """Strings that delimit turns for a chat-template model: its special tokens (``<|im_end|>``...)
+    and the text the template puts around each message (``[/INST]``...), longest first."""
+    tokenizer = formatter.tokenizer
+    markers = set(tokenizer.all_special_tokens)
+    markers.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    # Render a dialogue of placeholder messages: what lies between the placeholders is the template's.
+    # Only short lines are markers (``<|im_start|>user``, ``### User:``); a default system prompt
+    # that some templates insert is a sentence, not a marker.
+    placeholders = ("dpolabUserText", "dpolabAssistantText")
+    rendered = formatter.full([{"role": "user", "content": placeholders[0]}], placeholders[1])
+    if all(p in rendered for p in placeholders):
+        pieces = rendered.replace(placeholders[1], placeholders[0]).split(placeholders[0])
+        markers.update(line.strip() for piece in pieces for line in piece.splitlines() if len(line.split()) <= 2)
+    return sorted((m for m in markers if m), key=len, reverse=True)
+
+
+def check_pair(turns: list[dict[str, str]], chosen: str, rejected: str, row: dict[str, Any],
+               formatter: Formatter = HH) -> None:
     """Refuse (400 naming the field) a pair that ``dpolab train --dataset`` would drop, or learn
-    nothing from: the file must hold only rows the next round trains on."""
-    for name, answer in (("chosen", chosen), ("rejected", rejected)):
-        marker = None if formatter.is_chat else next((m for m in TURN_STOPS if m in answer), None)
-        if marker is not None:  # the HH loader would split the dialogue inside the answer
-            raise ApiError(f"{name} holds the turn marker {marker!r}; an answer cannot contain a dialogue turn",
+    nothing from: the file must hold only rows the next round trains on.
+
+    No text may hold a turn marker: an HH answer with ``\n\nHuman:`` is split there by the loader,
+    and a chat model's ``<|im_end|>`` inside a message would be its real end-of-turn token once
+    tokenized, so the row would teach a turn the person never wrote.
+    """
+    texts = [("chosen", chosen), ("rejected", rejected)]
+    if formatter.is_chat:  # the prompt's messages go through the template too
+        *history, last = turns
+        texts += [(f"history[{i}].content", t["content"]) for i, t in enumerate(history)] + [("prompt", last["content"])]
+    markers, kind = (template_markers(formatter), "chat template marker") if formatter.is_chat \
+        else (list(TURN_STOPS), "turn marker")
+    for name, text in texts:
+        marker = next((m for m in markers if m in text), None)
+        if marker is not None:
+            raise ApiError(f"{name} holds the {kind} {marker!r}; a message cannot contain a dialogue turn",
                            param=name, code="invalid_value")
     if chosen.strip() == rejected.strip():
         raise ApiError("chosen and rejected are the same answer: such a pair teaches DPO nothing", param="rejected",

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "share one study with --storage postgresql://...: create it once with --create-only, then "
         "start the workers with the same command without it. The loss options (--loss-type, --beta, "
         "...) set the sweep's base; a trial, grid or search space naming the field still wins.")
-    sweep.add_argument("--config", type=user_path, help="sweep YAML (default: the original project's 3-row table)")
+    sweep.add_argument("--config", type=user_path, help="sweep YAML (default: a 3-row table of learning rate, batch size and weight decay)")
     sweep.add_argument("--output-dir", type=user_path, help="sweep folder (default: runs/<config name or 'sweep'>)")
     sweep.add_argument("--storage", help="Optuna RDB URL shared by workers (default: sqlite file study.db "
                        "in the sweep folder)")

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from transformers import TrainerCallback
 
 from dpolab.config import TrainConfig
-from dpolab.errors import ConfigError, first_line
+from dpolab.errors import ConfigError, RunFolderError, first_line
 from dpolab.runs import RunFolder, SweepFolder
 from dpolab.sweep import study as st
 from dpolab.sweep.config import SweepConfig
@@ -208,7 +208,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: SweepConfig, swe
     start = time.perf_counter()
     state, value, error = TrialState.FAIL, None, None
     try:
-        with st.Heartbeat(backend, trial._trial_id, config.heartbeat_interval):
+        with st.Heartbeat(backend, st.trial_id(study, backend, trial.number), config.heartbeat_interval):
             train_config = TrainConfig.from_dict(config.train_values(overrides), source=f"trial {name}")
             if RunFolder.is_run(run_dir) and RunFolder(run_dir).is_finished():
                 # Finished before its worker died (between summary and tell): do not train it twice.
@@ -266,8 +266,8 @@ def _free_memory() -> None:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    except Exception:
-        pass
+    except RuntimeError as exc:  # a CUDA error left by the failed trial: its record must still be written
+        logger.warning("could not free GPU memory after the trial: %s", exc)
 
 
 def update_best(study: optuna.Study, config: SweepConfig, sweep: SweepFolder) -> dict[str, Any] | None:
@@ -287,7 +287,7 @@ def update_best(study: optuna.Study, config: SweepConfig, sweep: SweepFolder) ->
         try:
             if {k: v for k, v in sweep.best().items() if k != "format"} == record:
                 return record
-        except Exception:
+        except RunFolderError:  # a best.json that is not valid JSON (edited by hand) is written again
             pass
     sweep.write_best(record)
     return record

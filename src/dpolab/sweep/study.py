@@ -132,12 +132,19 @@ def open_study(config: SweepConfig, storage: optuna.storages.RDBStorage, study_n
 
 # -- claiming and recovering trials ---------------------------------------------------------------
 
+def trial_id(study: optuna.Study, storage: optuna.storages.BaseStorage, number: int) -> int:
+    """The storage's id of the study's trial ``number``, which the storage's methods take. Asked
+    through the storage's public API: Trial and FrozenTrial keep theirs in a private attribute."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
 def claim_waiting(study: optuna.Study, storage: optuna.storages.RDBStorage) -> optuna.Trial | None:
     """Atomically take one queued trial (WAITING -> RUNNING), or None when the queue is empty."""
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
-            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, frozen._trial_id)
+            claimed = trial_id(study, storage, frozen.number)
+            if storage.set_trial_state_values(claimed, state=TrialState.RUNNING):
+                return optuna.Trial(study, claimed)
         except UpdateFinishedTrialError:
             continue
     return None
@@ -168,9 +175,10 @@ def recover_dead_workers(study: optuna.Study, storage: optuna.storages.RDBStorag
         if requeue.exhausted(frozen):
             reason += f" ({frozen.user_attrs.get(RETRIES_ATTR, 0) + 1} attempts, max_retry {max_retry}: not retried)"
         try:
-            storage.set_trial_user_attr(frozen._trial_id, ERROR_ATTR, reason)
-            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL):
-                requeue(study, storage.get_trial(frozen._trial_id))
+            dead = trial_id(study, storage, frozen.number)
+            storage.set_trial_user_attr(dead, ERROR_ATTR, reason)
+            if storage.set_trial_state_values(dead, state=TrialState.FAIL):
+                requeue(study, storage.get_trial(dead))
                 recovered += 1
         except UpdateFinishedTrialError:  # another worker recovered it first
             continue
