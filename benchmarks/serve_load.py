@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         servers = {mode: Server(args.model, precision, n, args.streams, args.new_tokens, args.threads) for mode, n in workers.items()}
         try:
             for server in servers.values():  # warm-up: first-call allocations and kernel selection
-                load_round(server.url, 2, 1, 4)
+                # At most the server's --max-new-tokens: /v1 refuses a larger max_tokens (400).
+                load_round(server.url, 2, 1, min(4, args.new_tokens))
             rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
             for rnd in range(args.repeats):
                 for mode in rotated(list(MODES), rnd):
