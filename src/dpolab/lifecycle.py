@@ -178,6 +178,7 @@ def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, d
         fp16=dtype == "fp16",
         dataloader_num_workers=0,
         gradient_checkpointing=config.gradient_checkpointing,
+        torch_compile=config.compile,
         # Non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA).
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )

@@ -10,16 +10,18 @@ reference log-probs, answer-only log-probs, and metrics under TRL's names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import DatasetDict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from dpolab.config import TrainConfig
 from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
@@ -32,7 +34,7 @@ from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_
 from dpolab.precision import master_weight_optimizer, uses_bf16_weights
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
-from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.scoring.collate import COMPILE_LENGTH_BUCKET, PreferenceCollator, batch_tokens, choose_packed
 from dpolab.scoring.logps import answer_lengths, concatenated_forward
 from dpolab.scoring.loss import chosen_nll, preference_loss, preference_metrics
 from dpolab.tracking import SystemSampler
@@ -50,6 +52,33 @@ class DpolabTrainer(StageTrainer):
         self.dpo_config = dpo_config
         self._per_pair: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                      "eval": defaultdict(list)}
+        # The micro-batch's share of its batch's (pairs, chosen answer tokens): its loss counts that
+        # much of the batch's (see training_step). (1, 1) for a batch that is not split.
+        self._share = (1.0, 1.0)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A token-budget batch (``{"micro_batches": [...]}``, ``max_tokens_per_batch``) is one
+        forward + backward per micro-batch, each loss weighted by its share of the batch, so the
+        summed gradients and loss are the whole batch's; gradients sync once, after the last."""
+        if "micro_batches" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        loss = 0.0
+        for last, micro, share in _shares(inputs["micro_batches"]):
+            self._share = share
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, micro, num_items_in_batch)
+        self._share = (1.0, 1.0)
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if "micro_batches" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        loss = 0.0
+        for _, micro, share in _shares(inputs["micro_batches"]):
+            self._share = share
+            loss = loss + super().prediction_step(model, micro, prediction_loss_only, ignore_keys)[0]
+        self._share = (1.0, 1.0)
+        return loss, None, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # accelerate autocasts only the model's own forward and hands back fp32 outputs: without
@@ -72,9 +101,11 @@ class DpolabTrainer(StageTrainer):
                   policy_chosen_logps.detach(), policy_rejected_logps.detach())
         for key, value in zip((*PER_PAIR_KEYS, "chosen_lengths"), (*values, lengths["chosen_lengths"]), strict=True):
             self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(value).float().cpu())
-        loss = losses.mean()
-        if self.dpo_config.rpo_alpha:
-            loss = loss + self.dpo_config.rpo_alpha * chosen_nll(policy_chosen_logps, lengths["chosen_lengths"])
+        pair_share, token_share = self._share
+        loss = losses.mean() * pair_share
+        if self.dpo_config.rpo_alpha:  # a mean over chosen tokens: weighted by the micro-batch's share of them
+            loss = loss + self.dpo_config.rpo_alpha * chosen_nll(
+                policy_chosen_logps, lengths["chosen_lengths"]) * token_share
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -92,6 +123,28 @@ class DpolabTrainer(StageTrainer):
             logs.update({f"{prefix}{k}": v for k, v in metrics.items()})
         self._per_pair[mode].clear()
         super().log(logs, start_time)  # adds the system readings
+
+
+def _shares(micro_batches: list[dict[str, torch.Tensor]]) -> Iterator[tuple[bool, dict[str, torch.Tensor],
+                                                                           tuple[float, float]]]:
+    """(is last, micro-batch, its share of the batch's pairs and of its chosen answer tokens)."""
+    def chosen_tokens(micro: dict[str, torch.Tensor]) -> float:
+        return float(answer_lengths(micro)["chosen_lengths"].sum())
+
+    pairs = sum(len(m["ref_chosen_logps"]) for m in micro_batches)
+    tokens = sum(chosen_tokens(m) for m in micro_batches)
+    for i, micro in enumerate(micro_batches):
+        yield i == len(micro_batches) - 1, micro, (len(micro["ref_chosen_logps"]) / pairs, chosen_tokens(micro) / tokens)
+
+
+def token_budget_arguments(args: TrainingArguments, config: TrainConfig) -> TrainingArguments:
+    """With ``max_tokens_per_batch``, Trainer hands over each optimizer batch whole (batch size x
+    accumulation steps pairs, no accumulation of its own): the collator splits it by tokens and
+    :meth:`DpolabTrainer.training_step` accumulates over the pieces."""
+    if config.max_tokens_per_batch:
+        args.per_device_train_batch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        args.gradient_accumulation_steps = 1
+    return args
 
 
 @dataclass
@@ -154,12 +207,15 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
         # bf16 weights need no autocast on top (it would only convert the outputs back to fp32).
         bf16_weights = uses_bf16_weights(prepared.device, prepared.dtype)
-        args = training_arguments(config, run, prepared.device, "fp32" if bf16_weights else prepared.dtype)
+        args = token_budget_arguments(
+            training_arguments(config, run, prepared.device, "fp32" if bf16_weights else prepared.dtype), config)
         return DpolabTrainer(
             model=prepared.model, args=args, optimizer_cls_and_kwargs=(
                 master_weight_optimizer(DpolabTrainer, args, prepared.model) if bf16_weights else None),
             train_dataset=prepared.datasets["train"], eval_dataset=prepared.datasets["eval"],
-            data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id, packed=prepared.packed),
+            data_collator=PreferenceCollator(prepared.tokenizer.pad_token_id, packed=prepared.packed,
+                                             max_tokens=config.max_tokens_per_batch,
+                                             pad_to_multiple_of=COMPILE_LENGTH_BUCKET if config.compile else 1),
             processing_class=prepared.tokenizer,
             callbacks=[*trainer_callbacks, *sample_callbacks(config, run, prepared.tokenizer, prepared.datasets["eval"],
                                                              prepared.reference_info["reference_key"], config.beta)],
