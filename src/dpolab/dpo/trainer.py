@@ -31,7 +31,7 @@ from dpolab.errors import ConfigError
 from dpolab.lifecycle import StageTrainer, fit, prepare_run, resolve_hardware, training_arguments
 from dpolab.lora import add_adapters, quantization_config, uses_lora
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
-from dpolab.precision import master_weight_optimizer, uses_bf16_weights
+from dpolab.precision import MasterWeightAdamW, master_weight_optimizer, uses_bf16_weights
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
 from dpolab.scoring.collate import COMPILE_LENGTH_BUCKET, PreferenceCollator, batch_tokens, choose_packed
@@ -69,6 +69,14 @@ class DpolabTrainer(StageTrainer):
                 loss = loss + super().training_step(model, micro, num_items_in_batch)
         self._share = (1.0, 1.0)
         return loss
+
+    def _clip_grad_norm(self, model):
+        # bf16 weights: clip the fp32 master gradients in one foreach pass (MasterWeightAdamW)
+        # instead of clip_grad_norm_'s norm and multiply per tensor (no foreach on CPU).
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        if isinstance(optimizer, MasterWeightAdamW):
+            return optimizer.clip_master_grads(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if "micro_batches" not in inputs:
