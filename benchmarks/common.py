@@ -62,6 +62,53 @@ def training_flops_per_token(n_layer: int, n_embd: int, matmul_params: int, mean
     return 6 * matmul_params + 12 * n_layer * n_embd * mean_seq_len
 
 
+# GPT-2's matmuls, (tokens x K) @ (K x N) with K, N from one block: the QKV projection, the
+# attention output projection, the MLP's up and down projections. M = tokens in one forward.
+GPT2_GEMM_SHAPES: list[tuple[int, int]] = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+
+
+def gemm_rates(device: str = "cpu", tokens: int = 1024, repeats: int = 10,
+               shapes: list[tuple[int, int]] = GPT2_GEMM_SHAPES) -> dict[str, Any]:
+    """The machine's matmul rate (TFLOP/s) on GPT-2's shapes, fp32 and bf16: the limit a training
+    step's model FLOP rate is measured against (a step is mostly these GEMMs; what it does beyond
+    them, casts, attention, the optimizer, shows as the share it falls short).
+
+    Per dtype, each shape's best of ``repeats`` timings (best: the machine's rate, not a neighbour's
+    load), then the rate of the whole set: its FLOPs over the sum of the best times (the mix a block
+    runs). Uses torch's current thread count."""
+    import time
+
+    import torch
+
+    result: dict[str, Any] = {"device": device, "tokens": tokens, "threads": torch.get_num_threads(),
+                              "shapes": [list(s) for s in shapes]}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        total_flops, total_s, per_shape = 0.0, 0.0, {}
+        for k, n in shapes:
+            a = torch.randn(tokens, k, device=device, dtype=dtype)  # (M, K)
+            b = torch.randn(k, n, device=device, dtype=dtype)  # (K, N)
+            a @ b  # warm-up: kernel selection, allocator
+            cuda_sync()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                cuda_sync()
+                times.append(time.perf_counter() - start)
+            flops = 2 * tokens * k * n
+            per_shape[f"{tokens}x{k}x{n}"] = round(flops / min(times) / 1e12, 4)
+            total_flops += flops
+            total_s += min(times)
+        result[f"{name}_tflops"] = total_flops / total_s / 1e12
+        result[f"{name}_per_shape_tflops"] = per_shape
+    return result
+
+
+def gemm_share(model_tflops: float, rates: dict[str, Any], dtype: str) -> float:
+    """A step's model FLOP rate as a share of the machine's GEMM rate in the dtype its matmuls ran in."""
+    return model_tflops / rates[f"{dtype}_tflops"]
+
+
 def cuda_sync() -> None:
     """Wait for queued GPU work, so wall-clock marks measure it (no-op without CUDA)."""
     import torch

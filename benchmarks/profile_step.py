@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
+from dpolab.precision import MasterWeightAdamW
 from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
 from dpolab.scoring.logps import concatenated_forward
 from dpolab.scoring.loss import preference_loss
@@ -52,8 +53,6 @@ def main() -> None:
         use_fused_gelu(model)  # as the dpolab engine does
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)  # Trainer's default on torch >= 2.8
     if args.dtype == "bf16":
-        from dpolab.precision import MasterWeightAdamW
-
         model.to(torch.bfloat16)
         optimizer = MasterWeightAdamW(model.parameters(), lr=5e-5, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16-autocast")
@@ -65,7 +64,10 @@ def main() -> None:
             chosen, rejected = concatenated_forward(model, batch)  # (B,), (B,)
         losses, _, _ = preference_loss(chosen, rejected, chosen.detach() - 1, rejected.detach() + 1, beta=0.1)
         losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if isinstance(optimizer, MasterWeightAdamW):  # as DpolabTrainer clips with bf16 weights
+            optimizer.clip_master_grads(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -23,12 +23,18 @@ keep DPOConfig's own bf16=True). dpolab variants set the process up as ``dpolab 
 gets them, except the extra ``trl_tuned_no_cudnn``. Each GPU run also reports peak GPU memory
 (``torch.cuda``), model FLOPs utilisation (:func:`common.training_flops_per_token` against :func:`common.gpu_peak_tflops`)
 and, from the run's ``system.jsonl`` (dpolab's NVML sampler), mean GPU power and energy per pair.
+
+Every invocation also measures the machine's matmul rate on GPT-2's shapes, fp32 and bf16, before
+and after the runs (:func:`common.gemm_rates`), and reports each variant's model FLOP rate as a
+share of the rate in the dtype its matmuls ran in (``gemm_share``): how close a step comes to
+what this machine's GEMMs can do.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -41,6 +47,8 @@ from typing import Any
 
 from common import (
     cuda_sync,
+    gemm_rates,
+    gemm_share,
     gpu_peak_tflops,
     machine_info,
     peak_rss_mb,
@@ -161,7 +169,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     config = TrainConfig(model=args.model, max_length=args.max_length, max_prompt_length=args.max_length // 2,
                          per_device_train_batch_size=batch, max_train_pairs=(steps + warmup) * batch,
                          max_eval_pairs=1, group_by_length=False, seed=0, learning_rate=5e-5,
-                         max_steps=steps + warmup, dtype=args.dtype, device=device, cache_dir=str(cache))
+                         max_steps=steps + warmup, dtype=args.dtype, device=device, cache_dir=str(cache),
+                         max_tokens_per_batch=args.max_tokens_per_batch, compile=args.compile)
     tokenizer = load_tokenizer(config.model)
     train_set = prepare_data(config, tokenizer)[0]["train"]
     model = load_model(config.model)
@@ -187,9 +196,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.variant.startswith("dpolab"):
         from transformers import TrainingArguments
 
-        from dpolab.dpo.trainer import DpolabTrainer
+        from dpolab.dpo.trainer import DpolabTrainer, token_budget_arguments
         from dpolab.precision import master_weight_optimizer, uses_bf16_weights
-        from dpolab.scoring.collate import PreferenceCollator, choose_packed
+        from dpolab.scoring.collate import COMPILE_LENGTH_BUCKET, PreferenceCollator, choose_packed
         from dpolab.scoring.pairs import score_pairs
 
         if args.variant != "dpolab_python_gelu":
@@ -208,10 +217,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         result["reference_s"] = time.perf_counter() - start
         train_set = train_set.add_column("ref_chosen_logps", ref_chosen.tolist()).add_column(
             "ref_rejected_logps", ref_rejected.tolist())
-        training_args = TrainingArguments(**common_args, bf16=bf16 and not bf16_weights)  # as dpolab.dpo.trainer
+        training_args = token_budget_arguments(TrainingArguments(  # as dpolab.dpo.trainer
+            **common_args, bf16=bf16 and not bf16_weights, torch_compile=config.compile), config)
         optimizer = master_weight_optimizer(DpolabTrainer, training_args, model) if bf16_weights else None
         trainer = DpolabTrainer(model=model, args=training_args, train_dataset=train_set, optimizer_cls_and_kwargs=optimizer,
-                            data_collator=collate, processing_class=tokenizer,
+                            data_collator=dataclasses.replace(  # as dpolab.dpo.trainer: the reference pass has neither
+                                collate, max_tokens=config.max_tokens_per_batch,
+                                pad_to_multiple_of=COMPILE_LENGTH_BUCKET if config.compile else 1),
+                            processing_class=tokenizer,
                             callbacks=callbacks, dpo_config=config)
     else:
         from trl import DPOConfig
@@ -233,6 +246,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             result["reference_s"] = time.perf_counter() - start  # the precompute pass is most of __init__
         result.update(gradient_checkpointing=dpo_args.gradient_checkpointing, bf16=dpo_args.bf16)
     result["autocast"] = _probe_autocast(trainer, device)
+    # The dtype its matmuls run in: the GEMM rate its model FLOP rate is measured against.
+    result["compute_dtype"] = "bf16" if result.get("bf16_weights") or result["autocast"] == str(torch.bfloat16) else "fp32"
     timer.trainer = trainer
     run = RunFolder.create(cache / "run", {"benchmark": "train_throughput"})
     sampler_start = time.monotonic()
@@ -314,8 +329,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     script = Path(__file__).resolve()
+    import torch
+
     runs: list[dict[str, Any]] = []
     info = machine_info()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the workers' thread count: the same limit
+    gemm_before = gemm_rates(args.device)
     plan = [(model, rnd, variant) for model in args.models for rnd in range(args.repeats)
             for variant in rotated(args.variants, rnd)]
     for model, rnd, variant in tqdm(plan, desc="runs", unit="run"):
@@ -324,6 +344,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         worker_args = ["--variant", variant, "--model", model, "--steps", str(steps), "--warmup", str(args.warmup),
                        "--batch", str(batch), "--max-length", str(args.max_length), "--device", args.device,
                        "--dtype", args.dtype]
+        if args.max_tokens_per_batch:
+            worker_args += ["--max-tokens-per-batch", str(args.max_tokens_per_batch)]
+        if args.compile:
+            worker_args += ["--compile"]
         if args.threads:
             worker_args += ["--threads", str(args.threads)]
         if args.profile_dir:
@@ -336,14 +360,20 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("%s %s round %d: %.3f pairs/s, %.0f tokens/s, peak %.0f MB", model, variant, rnd,
                     result["pairs_per_s"], result["tokens_per_s"], result["peak_rss_mb"])
     info["load_avg_after"] = machine_info()["load_avg_1_5_15"]
-    return {"benchmark": "train_throughput", "command": " ".join(sys.argv), "machine": info,
+    # Measured before and after the runs; the faster of the two is the machine's limit.
+    gemm_after = gemm_rates(args.device)
+    gemm = {f"{d}_tflops": max(gemm_before[f"{d}_tflops"], gemm_after[f"{d}_tflops"]) for d in ("fp32", "bf16")}
+    gemm.update(before=gemm_before, after=gemm_after)
+    for run in runs:
+        run["gemm_share"] = gemm_share(run["model_tflops_per_s"], gemm, run["compute_dtype"])
+    return {"benchmark": "train_throughput", "command": " ".join(sys.argv), "machine": info, "gemm": gemm,
             "summary": summarise_runs(runs), "runs": runs}
 
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per model and variant: median/min/max of each figure; per model: ratios of medians."""
     keys = ("pairs_per_s", "tokens_per_s", "amortised_pairs_per_s", "peak_rss_mb", "reference_s",
-            "model_tflops_per_s", "mfu", "peak_gpu_mem_mb", "gpu_power_w_mean", "gpu_energy_j_per_pair")
+            "model_tflops_per_s", "gemm_share", "mfu", "peak_gpu_mem_mb", "gpu_power_w_mean", "gpu_energy_j_per_pair")
     summary: dict[str, Any] = {}
     for model in dict.fromkeys(r["model"] for r in runs):
         per_variant = {}
@@ -368,17 +398,24 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown_table(data: dict[str, Any]) -> str:
     gpu = any("peak_gpu_mem_mb" in s for e in data["summary"].values() for s in e["variants"].values())
-    gpu_head = " model TFLOP/s | MFU | peak GPU MB | GPU W | GPU J/pair |" if gpu else ""
-    lines = ["| model | variant | pairs/s (min-max) | tokens/s | amortised pairs/s | reference pass s "
-             "| peak RSS MB |" + gpu_head, "|---|---|---|---|---|---|---|" + "---|" * gpu_head.count("|")]
+    gpu_head = " MFU | peak GPU MB | GPU W | GPU J/pair |" if gpu else ""
+    lines = []
+    if "gemm" in data:
+        lines += [f"GEMM rate, GPT-2 shapes (same invocation, best of before/after): fp32 "
+                  f"{data['gemm']['fp32_tflops']:.3f} TFLOP/s, bf16 {data['gemm']['bf16_tflops']:.3f} TFLOP/s", ""]
+    lines += ["| model | variant | pairs/s (min-max) | tokens/s | amortised pairs/s | reference pass s "
+              "| peak RSS MB | model TFLOP/s | of GEMM rate (its dtype) |" + gpu_head,
+              "|---|---|---|---|---|---|---|---|---|" + "---|" * gpu_head.count("|")]
     for model, entry in data["summary"].items():
         for variant, s in entry["variants"].items():
             ref = f"{s['reference_s']['median']:.1f}" if "reference_s" in s else "in every step"
+            share = f"{s['gemm_share']['median']:.1%}" if "gemm_share" in s else "-"
             line = (f"| {model} | {variant} | {s['pairs_per_s']['median']:.2f} ({s['pairs_per_s']['min']:.2f}-"
                     f"{s['pairs_per_s']['max']:.2f}) | {s['tokens_per_s']['median']:.0f} | "
-                    f"{s['amortised_pairs_per_s']['median']:.2f} | {ref} | {s['peak_rss_mb']['median']:.0f} |")
+                    f"{s['amortised_pairs_per_s']['median']:.2f} | {ref} | {s['peak_rss_mb']['median']:.0f} | "
+                    f"{s['model_tflops_per_s']['median']:.3f} | {share} |")
             if gpu:
-                cells = [("model_tflops_per_s", "{:.1f}"), ("mfu", "{:.1%}"), ("peak_gpu_mem_mb", "{:,.0f}"),
+                cells = [("mfu", "{:.1%}"), ("peak_gpu_mem_mb", "{:,.0f}"),
                          ("gpu_power_w_mean", "{:.0f}"), ("gpu_energy_j_per_pair", "{:.2f}")]
                 line += "".join(f" {fmt.format(s[k]['median']) if k in s else '-'} |" for k, fmt in cells)
             lines.append(line)
@@ -404,6 +441,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: dpolab on CPU trains bf16 weights (fp32 master copy), on GPU autocast; TRL "
                         "tuned: Trainer's bf16 (autocast); TRL defaults keep DPOConfig's bf16=True")
+    parser.add_argument("--max-tokens-per-batch", type=int, default=None,
+                        help="dpolab variants: TrainConfig.max_tokens_per_batch (micro-batches by tokens)")
+    parser.add_argument("--compile", action="store_true",
+                        help="dpolab variants: TrainConfig.compile (torch.compile, length buckets); the warm-up "
+                        "steps must cover the compilation")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="write each variant's torch.profiler tables over the measured steps here "

@@ -32,7 +32,7 @@ def test_train_throughput_smoke(tmp_path):
     pytest.importorskip("trl")
     data = _run("train_throughput.py", ["--models", "tiny-gpt2", "--variants", "dpolab", "trl_tuned", "--repeats",
                                         "1", "--steps", "1", "--warmup", "1", "--batch", "2", "--max-length", "128",
-                                        "--profile-dir", str(tmp_path / "profile")],
+                                        "--max-tokens-per-batch", "256", "--profile-dir", str(tmp_path / "profile")],
                 tmp_path / "train.json")
     for variant in ("dpolab", "trl_tuned"):  # torch.profiler's op table, then cProfile's Python functions
         table = (tmp_path / "profile" / f"profile_{variant}.txt").read_text()
@@ -45,8 +45,20 @@ def test_train_throughput_smoke(tmp_path):
         for key in ("pairs_per_s", "tokens_per_s", "amortised_pairs_per_s", "peak_rss_mb", "reference_s"):
             assert run[key] > 0, key
         assert run["amortised_pairs_per_s"] < run["pairs_per_s"]  # the reference pass costs something
+        assert run["compute_dtype"] == "fp32"  # --dtype fp32: measured against the fp32 GEMM rate
+        assert 0 < run["gemm_share"] < 1  # a 3.4M-parameter model's step is far below the machine's GEMM rate
+    for when in ("before", "after"):  # the machine's GEMM rate, in the same invocation, both dtypes
+        assert data["gemm"][when]["fp32_tflops"] > 0 and data["gemm"][when]["bf16_tflops"] > 0
+    assert data["gemm"]["fp32_tflops"] == max(data["gemm"]["before"]["fp32_tflops"],
+                                              data["gemm"]["after"]["fp32_tflops"])
     variants = data["summary"]["tiny-gpt2"]["variants"]
     assert set(variants["dpolab"]["pairs_per_s"]) == {"median", "min", "max", "n"}
+    sys.path.insert(0, str(BENCHMARKS))
+    from train_throughput import markdown_table
+
+    table = markdown_table(data)
+    assert "GEMM rate, GPT-2 shapes" in table and "of GEMM rate (its dtype)" in table
+    assert f"{variants['dpolab']['gemm_share']['median']:.1%}" in table
     assert data["summary"]["tiny-gpt2"]["ratios"]["dpolab_vs_trl_tuned"]["pairs_per_s"] > 0
 
 

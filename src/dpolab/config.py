@@ -36,6 +36,11 @@ Stage = Literal["dpo", "sft"]
 BatchLayout = Literal["auto", "packed", "padded"]
 
 
+# Loss terms computed over a whole batch (sft's token mean, aot's sorting): a batch split by
+# max_tokens_per_batch would change them.
+BATCH_LEVEL_LOSS_TYPES = frozenset({"sft", "aot", "aot_unpaired"})
+
+
 def _doc(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -144,6 +149,13 @@ class TrainConfig:
     per_device_eval_batch_size: int = field(default=8, metadata=_doc("(int, 8): pairs per eval batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_doc(
         "(int, 1): micro-batches per optimizer step."))
+    max_tokens_per_batch: int | None = field(default=None, metadata=_doc(
+        "(int | None, None): token budget of one forward + backward. Each optimizer batch "
+        "(per_device_train_batch_size x gradient_accumulation_steps pairs) is split into the fewest balanced "
+        "micro-batches of at most this many tokens (chosen + rejected sequences), gradients accumulated over "
+        "them: the same loss and gradients as the pair micro-batches, with forwards sized by tokens (larger "
+        "matmuls, bounded memory) instead of by pairs. At least 2 x max_length. None = micro-batches of "
+        "per_device_train_batch_size pairs. DPO on the dpolab engine only."))
     weight_decay: float = field(default=0.0, metadata=_doc("(float, 0.0): AdamW weight decay."))
     num_train_epochs: float = field(default=1.0, metadata=_doc("(float, 1.0): passes over the data."))
     max_steps: int = field(default=-1, metadata=_doc(
@@ -208,6 +220,10 @@ class TrainConfig:
         "the model is checked to keep packed sequences apart), 'padded' (each sequence padded to the "
         "longest), or 'auto' (packed on CPU when the model passes the check, padded on GPUs, where "
         "packing is not yet measured). dpolab engine only."))
+    compile: bool = field(default=False, metadata=_doc(
+        "(bool, False): torch.compile the model (Trainer's torch_compile; inductor, which needs a C++ compiler on "
+        "CPU). Batch lengths are rounded up to a multiple of 64 so a few graphs cover every step; the first "
+        "steps of each new shape pay the compilation. Same losses as eager to float rounding."))
     logps_chunk_size: int = field(default=128, metadata=_doc(
         "(int, 128): answer tokens per LM-head chunk; bounds the (chunk, vocab) logits in memory."))
     cache_dir: str | None = field(default=None, metadata=_doc(
@@ -252,6 +268,16 @@ class TrainConfig:
                               f"got {self.data_format!r}")
         if self.sample_prompts < 0:
             raise ConfigError(f"sample_prompts must be >= 0, got {self.sample_prompts!r}")
+        if self.max_tokens_per_batch is not None:
+            if self.stage != "dpo" or self.engine != "dpolab":
+                raise ConfigError("max_tokens_per_batch runs on stage 'dpo', engine 'dpolab' only")
+            batch_level = sorted({name for name, _ in self.loss_terms} & BATCH_LEVEL_LOSS_TYPES)
+            if batch_level:
+                raise ConfigError(f"max_tokens_per_batch splits a batch into pieces, but loss term(s) {batch_level} are "
+                                  "computed over a whole batch (rpo_alpha is an 'sft' term): drop one of them")
+            if self.max_tokens_per_batch < 2 * self.max_length:
+                raise ConfigError(f"max_tokens_per_batch ({self.max_tokens_per_batch}) must be at least 2 x max_length "
+                                  f"({2 * self.max_length}): a pair's chosen and rejected sequences go in one micro-batch")
         for name in ("eval_steps", "save_steps", "max_train_pairs", "max_eval_pairs", "dataset_num_proc"):
             value = getattr(self, name)
             if value is not None and value <= 0:

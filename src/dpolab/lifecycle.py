@@ -214,6 +214,7 @@ def training_argument_kwargs(config: TrainConfig, run: RunFolder, device: str, d
         fp16=dtype == "fp16",
         dataloader_num_workers=0,
         **checkpointing_arguments(config.gradient_checkpointing),
+        torch_compile=config.compile,
     )
 
 

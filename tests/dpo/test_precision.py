@@ -116,3 +116,29 @@ def test_the_probe_times_whole_steps_and_leaves_the_model_as_it_was():
     assert fp32_s > 0 and bf16_s > 0 and tokens >= stage_setup.PROBE_TOKENS
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # learning rate 0
     assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_clipping_on_the_masters_matches_clip_grad_norm_and_adamw_in_fp32():
+    """Two steps with clipping: the masters follow fp32 AdamW on the bf16 gradients cast up and
+    clipped by torch's clip_grad_norm_ (the buffers kept across steps hold each step's own gradients)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).to(torch.bfloat16)
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    optimizer = MasterWeightAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        model(torch.randn(4, 8, dtype=torch.bfloat16)).square().sum().backward()
+        for param, ref in zip(model.parameters(), reference.parameters(), strict=True):
+            ref.grad = param.grad.float()
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        norm = optimizer.clip_master_grads(0.1)
+        assert norm > 0.1  # it clipped
+        torch.testing.assert_close(norm, expected_norm)
+        optimizer.step()
+        reference_optimizer.step()
+        optimizer.zero_grad()
+        reference_optimizer.zero_grad()
+        for master, param, ref in zip(optimizer.masters(), model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(master, ref.detach())
+            assert torch.equal(param.detach(), master.to(torch.bfloat16))

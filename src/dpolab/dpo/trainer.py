@@ -10,15 +10,17 @@ reference log-probs, answer-only log-probs, and metrics under TRL's names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import DatasetDict
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from dpolab.config import TrainConfig
 from dpolab.data import LENGTH_COLUMNS, default_cache_dir
@@ -34,9 +36,10 @@ from dpolab.lifecycle import (
     stage_training_arguments,
 )
 from dpolab.lora import add_adapters, uses_lora
+from dpolab.precision import MasterWeightAdamW
 from dpolab.runs import RunFolder
 from dpolab.samples import sample_callbacks
-from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed
+from dpolab.scoring.collate import COMPILE_LENGTH_BUCKET, PreferenceCollator, batch_tokens, choose_packed
 from dpolab.scoring.length import length_metrics, pair_records
 from dpolab.scoring.logps import answer_lengths, concatenated_stats
 from dpolab.scoring.loss import chosen_nll, pair_losses, preference_metrics
@@ -57,6 +60,41 @@ class DpolabTrainer(StageTrainer):
         self.run = run  # where each evaluation's per-pair margins and lengths go (eval_pairs.jsonl)
         self._per_pair: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                      "eval": defaultdict(list)}
+        # The micro-batch's share of its batch's pairs: its loss counts that much of the batch's (see
+        # training_step). 1 for a batch that is not split.
+        self._share = 1.0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A token-budget batch (``{"micro_batches": [...]}``, ``max_tokens_per_batch``) is one
+        forward + backward per micro-batch, each loss weighted by its share of the batch, so the
+        summed gradients and loss are the whole batch's; gradients sync once, after the last."""
+        if "micro_batches" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        loss = 0.0
+        for last, micro, share in _shares(inputs["micro_batches"]):
+            self._share = share
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, micro, num_items_in_batch)
+        self._share = 1.0
+        return loss
+
+    def _clip_grad_norm(self, model):
+        # bf16 weights: clip the fp32 master gradients in one foreach pass (MasterWeightAdamW)
+        # instead of clip_grad_norm_'s norm and multiply per tensor (no foreach on CPU).
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        if isinstance(optimizer, MasterWeightAdamW):
+            return optimizer.clip_master_grads(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if "micro_batches" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        loss = 0.0
+        for _, micro, share in _shares(inputs["micro_batches"]):
+            self._share = share
+            loss = loss + super().prediction_step(model, micro, prediction_loss_only, ignore_keys)[0]
+        self._share = 1.0
+        return loss, None, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config = self.dpo_config
@@ -82,7 +120,7 @@ class DpolabTrainer(StageTrainer):
         if mode == "eval":  # the answers' lengths, for the length-controlled metrics
             for key in LENGTH_COLUMNS:
                 self._per_pair[mode][key].append(self.accelerator.gather_for_metrics(inputs[key]).cpu())
-        loss = out["losses"].mean()
+        loss = out["losses"].mean() * self._share  # the micro-batch's share of its batch's pairs
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -111,6 +149,23 @@ class DpolabTrainer(StageTrainer):
         if self.run is not None and self.is_world_process_zero():
             self.run.write_eval_pairs(pair_records(margins, lengths))
         return length_metrics(margins, **lengths)
+
+
+def _shares(micro_batches: list[dict[str, torch.Tensor]]) -> Iterator[tuple[bool, dict[str, torch.Tensor], float]]:
+    """(is last, micro-batch, its share of the batch's pairs)."""
+    counts = [len(answer_lengths(micro)["chosen_lengths"]) for micro in micro_batches]
+    for i, (micro, count) in enumerate(zip(micro_batches, counts, strict=True)):
+        yield i == len(micro_batches) - 1, micro, count / sum(counts)
+
+
+def token_budget_arguments(args: TrainingArguments, config: TrainConfig) -> TrainingArguments:
+    """With ``max_tokens_per_batch``, Trainer hands over each optimizer batch whole (batch size x
+    accumulation steps pairs, no accumulation of its own): the collator splits it by tokens and
+    :meth:`DpolabTrainer.training_step` accumulates over the pieces."""
+    if config.max_tokens_per_batch:
+        args.per_device_train_batch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        args.gradient_accumulation_steps = 1
+    return args
 
 
 @dataclass
@@ -180,12 +235,13 @@ def train(config: TrainConfig, output_dir: str | Path, resume: bool = False,
         record_setup(run, setup)
 
     def make_trainer(trainer_callbacks: list[TrainerCallback], sampler: SystemSampler) -> Trainer:
-        args = stage_training_arguments(config, run, setup)
+        args = token_budget_arguments(stage_training_arguments(config, run, setup), config)
         return DpolabTrainer(
             model=setup.model, args=args, optimizer_cls_and_kwargs=stage_optimizer(DpolabTrainer, args, setup),
             train_dataset=setup.datasets["train"], eval_dataset=setup.datasets["eval"],
             data_collator=PreferenceCollator(setup.tokenizer.pad_token_id, packed=setup.packed,
-                                             pair_keys=LENGTH_COLUMNS),
+                                             pair_keys=LENGTH_COLUMNS, max_tokens=config.max_tokens_per_batch,
+                                             pad_to_multiple_of=COMPILE_LENGTH_BUCKET if config.compile else 1),
             processing_class=setup.tokenizer,
             callbacks=[*trainer_callbacks, *sample_callbacks(config, run, setup, prepared.reference_info["reference_key"],
                                                              config.beta)],

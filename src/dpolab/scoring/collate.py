@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 # all 16 sequences makes attention slower than padding, rows of ~500 tokens 0.4x of it
 # (benchmarks/packed_attention.py).
 PACKED_ROW_TOKENS = 512
+# Under torch.compile batch lengths are rounded up to a multiple of this, so a few shapes (graphs)
+# cover every step instead of one per batch length.
+COMPILE_LENGTH_BUCKET = 64
 
 
 @dataclass
@@ -58,8 +61,21 @@ class PreferenceCollator:
     packed: bool = False
     row_tokens: int = PACKED_ROW_TOKENS  # packed rows' mean length: ceil(tokens / row_tokens) rows
     pair_keys: tuple[str, ...] = ()
+    # Token budget of one micro-batch (TrainConfig.max_tokens_per_batch): the examples are split into
+    # as few balanced micro-batches as keep each within it, returned as {"micro_batches": [batch, ...]}.
+    max_tokens: int | None = None
+    # Row length rounded up to a multiple of this (torch.compile: a few shapes instead of one per batch).
+    pad_to_multiple_of: int = 1
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.max_tokens is None:
+            return self.collate(examples)
+        sizes = [sum(len(e["prompt_ids"]) + len(e[key]) for key in self.answer_keys) for e in examples]
+        return {"micro_batches": [self.collate([examples[i] for i in group])
+                                  for group in token_budget_groups(sizes, self.max_tokens)]}
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One batch of the examples' sequences, in the layout the module docstring describes."""
         sequences, answer_masks = [], []
         for answer_key in self.answer_keys:
             for example in examples:
@@ -67,9 +83,9 @@ class PreferenceCollator:
                 sequences.append(torch.tensor(prompt + answer, dtype=torch.long))
                 answer_masks.append(torch.tensor([0] * len(prompt) + [1] * len(answer), dtype=torch.long))
         if self.packed:
-            batch = pack(sequences, answer_masks, self.pad_token_id, self.row_tokens)
+            batch = pack(sequences, answer_masks, self.pad_token_id, self.row_tokens, self.pad_to_multiple_of)
         else:
-            batch = pad(sequences, answer_masks, self.pad_token_id)
+            batch = pad(sequences, answer_masks, self.pad_token_id, self.pad_to_multiple_of)
         batch["answer_lengths"] = torch.stack([mask.sum() for mask in answer_masks])  # (S,)
         for key in examples[0]:
             if key.startswith("ref_"):  # ref_chosen_logps, ref_rejected_logps (+ LD-DPO's ref_*_tail_logps)
@@ -79,36 +95,37 @@ class PreferenceCollator:
         return batch
 
 
-def pad(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One right-padded row per sequence: (S, T) with T the longest sequence."""
+def pad(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int,
+        pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """One right-padded row per sequence: (S, T) with T the longest sequence, rounded up to a
+    multiple of ``pad_to_multiple_of``."""
     index = [torch.full_like(s, i) for i, s in enumerate(sequences)]
-    return {
+    batch = {
         "input_ids": pad_sequence(sequences, batch_first=True, padding_value=pad_token_id),  # (S, T)
         "attention_mask": pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True),  # (S, T)
         "answer_mask": pad_sequence(answer_masks, batch_first=True),  # (S, T)
         "sequence_index": pad_sequence(index, batch_first=True, padding_value=-1),  # (S, T)
     }
+    extra = -batch["input_ids"].shape[1] % pad_to_multiple_of
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "answer_mask": 0, "sequence_index": -1}
+    return {key: torch.nn.functional.pad(value, (0, extra), value=fill[key]) for key, value in batch.items()}
 
 
 def pack(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_token_id: int,
-         row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, torch.Tensor]:
+         row_tokens: int = PACKED_ROW_TOKENS, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Sequences end to end in ceil(tokens / max(``row_tokens``, longest sequence)) rows of about
     equal length: longest first, each into the shortest row so far, so the rows end nearly together
     and little filler is needed (the rows only hold positions; ``sequence_index`` says whose they are).
 
     Every row ends with at least one filler token, never scored: rows then share one length, and
     the last column is never the pad id, which would make transformers warn that the input looks
-    padded without an attention mask.
+    padded without an attention mask. ``pad_to_multiple_of`` rounds that length up.
     """
     lengths = [len(s) for s in sequences]
     target = max(row_tokens, *lengths)  # no row can be shorter than the longest sequence
-    rows: list[list[int]] = [[] for _ in range(-(-sum(lengths) // target))]  # sequence numbers per row
-    used = [0] * len(rows)  # tokens per row
-    for number in sorted(range(len(sequences)), key=lambda i: -lengths[i]):
-        row = used.index(min(used))
-        rows[row].append(number)
-        used[row] += lengths[number]
-    length = max(used) + 1  # the fullest row plus one filler token
+    rows = balanced_groups(lengths, -(-sum(lengths) // target))  # sequence numbers per row
+    length = max(sum(lengths[i] for i in row) for row in rows) + 1  # the fullest row plus one filler token
+    length += -length % pad_to_multiple_of
     filler = 0 if pad_token_id != 0 else 1  # any id: the filler's outputs are never read
     input_ids = torch.full((len(rows), length), filler, dtype=torch.long)  # (R, L)
     position_ids = torch.zeros_like(input_ids)  # (R, L)
@@ -129,6 +146,29 @@ def pack(sequences: list[torch.Tensor], answer_masks: list[torch.Tensor], pad_to
     answer_mask[position_ids == 0] = 0
     return {"input_ids": input_ids, "position_ids": position_ids, "answer_mask": answer_mask,
             "sequence_index": sequence_index}
+
+
+def balanced_groups(sizes: list[int], count: int) -> list[list[int]]:
+    """The indices of ``sizes`` in ``count`` groups of about equal sum: largest first, each into
+    the group with the smallest sum so far."""
+    groups: list[list[int]] = [[] for _ in range(count)]
+    sums = [0] * count
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        group = sums.index(min(sums))
+        groups[group].append(i)
+        sums[group] += sizes[i]
+    return groups
+
+
+def token_budget_groups(sizes: list[int], max_tokens: int) -> list[list[int]]:
+    """The fewest balanced groups (:func:`balanced_groups`) whose sums stay within ``max_tokens``;
+    an item larger than the budget gets a group of its own. Indices keep their order in each group."""
+    count = -(-sum(sizes) // max_tokens)
+    while True:
+        groups = balanced_groups(sizes, count)
+        if count >= len(sizes) or all(sum(sizes[i] for i in group) <= max_tokens for group in groups):
+            return [sorted(group) for group in groups if group]
+        count += 1
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
