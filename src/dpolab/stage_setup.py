@@ -56,8 +56,8 @@ AUTO_DTYPE_ENV = "DPOLAB_AUTO_DTYPE"
 # bf16 must make the model's own training step this much faster to be chosen: below it the
 # difference is within run-to-run noise and fp32 (exact, no master copy) wins.
 BF16_MIN_SPEEDUP = 1.15
-PROBE_TOKENS = 384  # tokens of real training data in each probe step
-PROBE_REPEATS = 3  # steps per precision; the first includes oneDNN's kernel choice, best-of drops it
+PROBE_TOKENS = 384  # tokens of real training data in each probe step (about one packed row)
+PROBE_REPEATS = 2  # timed steps per precision, each on a batch of its own length
 
 
 @dataclass
@@ -230,31 +230,34 @@ def probe_key(model: torch.nn.Module, packed: bool) -> str:
 
 def probe_step(model: torch.nn.Module, train_set: Any, collate: PreferenceCollator,
                chunk_size: int) -> tuple[float, float, int]:
-    """Best-of-``PROBE_REPEATS`` seconds of one whole training step (forward, backward, gradient
-    clipping, AdamW) of ``model`` in fp32 and of a bf16 copy with its fp32 master weights (what a
-    CPU bf16 run trains), on the first training sequences up to ``PROBE_TOKENS`` tokens.
+    """Seconds of ``PROBE_REPEATS`` whole training steps (forward, backward, gradient clipping,
+    AdamW) of ``model`` in fp32 and of a bf16 copy with its fp32 master weights (what a CPU bf16 run
+    trains), on consecutive batches of real training sequences of about ``PROBE_TOKENS`` tokens.
 
     The whole step, not the forward alone: for a narrow model the master-weight update and the
-    casts can cost more than bf16 matmuls save. The learning rate is 0, so ``model`` is left as it
-    was. The two alternate within each repeat, so a noisy neighbour's burst slows both alike; the
-    first step of each also pays for oneDNN's kernel choice, which best-of drops. Returns
-    (fp32_s, bf16_s, tokens).
+    casts can cost more than bf16 matmuls save. Each timed step has a batch of a new length, as
+    training does: oneDNN builds its bf16 kernels per matrix shape, a cost a probe repeating one
+    shape would never see. One untimed step each first pays for what is built once. The learning
+    rate is 0, so ``model`` is left as it was; the two precisions alternate batch by batch, so a
+    noisy neighbour's burst slows both alike. Returns (fp32_s, bf16_s, timed tokens).
     """
     import copy
     import time
 
-    examples, tokens = [], 0
-    for example in train_set.select(range(min(len(train_set), 16))):
+    batches, examples, tokens = [], [], 0
+    for example in train_set.select(range(min(len(train_set), 256))):
         examples.append(example)
         tokens += len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
         if tokens >= PROBE_TOKENS:
-            break
-    batch = collate(examples)
+            batches.append((collate(examples), tokens))
+            examples, tokens = [], 0
+            if len(batches) == PROBE_REPEATS + 1:
+                break
     bf16_copy = copy.deepcopy(model).to(torch.bfloat16)
     candidates = [(model, torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)),
                   (bf16_copy, MasterWeightAdamW(bf16_copy.parameters(), lr=0.0, fused=True))]
 
-    def step(candidate: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    def step(candidate: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
         batch_logps(candidate, batch, chunk_size).sum().backward()
         torch.nn.utils.clip_grad_norm_(candidate.parameters(), 1.0)
@@ -263,14 +266,15 @@ def probe_step(model: torch.nn.Module, train_set: Any, collate: PreferenceCollat
         return time.perf_counter() - start
 
     was_training = model.training
-    best = [float("inf"), float("inf")]
+    total = [0.0, 0.0]
     try:
-        for candidate, _ in candidates:
+        for candidate, optimizer in candidates:
             candidate.train()
-        for _ in range(PROBE_REPEATS):
+            step(candidate, optimizer, batches[0][0])
+        for batch, _ in batches[1:]:
             for i, (candidate, optimizer) in enumerate(candidates):
-                best[i] = min(best[i], step(candidate, optimizer))
+                total[i] += step(candidate, optimizer, batch)
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-    return best[0], best[1], tokens
+    return total[0], total[1], sum(n for _, n in batches[1:])
