@@ -20,7 +20,6 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from dpolab.allocator import limit_heap_growth
 from dpolab.errors import ConfigError, first_line
 from dpolab.runs import RunFolder, SweepFolder, resolve_model_dir
 
@@ -217,12 +216,8 @@ def prepare_device(device: str = "auto") -> str:
     0.7 s a step against 18 ms of GPU work. The flash and memory-efficient kernels are compiled ahead
     of time for any length. The switch is process-wide (torch's SDPA flags are global, so a scoped
     ``sdpa_kernel`` would race between threads) and set only for a CUDA device.
-
-    On any device, the C heap is kept from growing with every new batch shape
-    (:func:`dpolab.allocator.limit_heap_growth`).
     """
     device = resolve_device(device)
-    limit_heap_growth()  # host memory: tensors above 1 MiB go back to the system when freed (allocator.py)
     if device.startswith("cuda") and torch.backends.cuda.cudnn_sdp_enabled():
         torch.backends.cuda.enable_cudnn_sdp(False)
         logger.info("attention: cuDNN SDPA backend off (it re-plans for every new sequence length)")
