@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)  ## train + sweep three tiny-gpt2 configs on the bundled HH-RLHF sample, report
 	$(VENV)/bin/dpolab demo
 
-test: $(STAMP)  ## the whole suite (CPU, ~8 minutes on 2 cores)
+test: $(STAMP)  ## the whole suite (CPU, ~11 minutes on 2 cores)
 	$(PY) -m pytest -q
 
 # The CLI-level tests again with `dtype: auto` resolving to bf16, as on a CPU with AMX: every stage's
