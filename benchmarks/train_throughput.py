@@ -177,7 +177,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     disable_dropout(model)
     model.to(device)
     if args.variant.startswith("dpolab") or args.variant == "trl_tuned_no_cudnn":
-        prepare_device(device)  # as dpolab's resolve_hardware does: on CUDA, no cuDNN attention
+        prepare_device(device)  # as dpolab's stage setup does: on CUDA, no cuDNN attention
     timer = StepTimer(warmup)
     callbacks = [timer.callback]
     if args.profile_dir:

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import DatasetDict
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dpolab.config import TrainConfig
 from dpolab.data import LENGTH_COLUMNS, default_cache_dir
@@ -175,14 +174,6 @@ class Prepared:
 
     setup: StageSetup
     reference_info: dict[str, Any]  # reference_cache / reference_time_s / reference_key, for summary.json
-
-    @property
-    def model(self) -> PreTrainedModel:
-        return self.setup.model
-
-    @property
-    def datasets(self) -> DatasetDict:
-        return self.setup.datasets
 
 
 def load_prepared(config: TrainConfig, recorded: dict[str, Any] | None = None) -> Prepared:
