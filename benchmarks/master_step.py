@@ -6,11 +6,11 @@ What Trainer runs between backward and the next forward when CPU training keeps 
 with an fp32 master copy (``dpolab.precision.MasterWeightAdamW``), on the model's real parameter
 shapes with random bf16 gradients:
 
-* ``before``: the optimizer as it was at ``--before-rev`` (loaded from git): torch's
-  ``clip_grad_norm_`` on the bf16 gradients (a norm and a multiply per tensor: no foreach on CPU),
-  then a cast per gradient into a fresh fp32 tensor, fused AdamW, a copy per weight back to bf16;
-* ``after``: ``clip_master_grads`` (one foreach cast into kept fp32 buffers, one foreach norm, one
-  foreach scale) and ``step`` (fused AdamW, one foreach write-back).
+* ``before``: the optimizer as it was at ``--before-rev`` (loaded from git), with the clipping
+  Trainer ran then (``clip_master_grads`` where that revision has it, else torch's
+  ``clip_grad_norm_``);
+* ``after``: ``clip_master_grads`` (one foreach norm on the bf16 gradients) and ``step`` (cast,
+  fused AdamW and write-back slice by slice, in cache).
 
 The two alternate inside every repeat; median and best ms per step.
 """
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         for param in model.parameters():
             param.grad = torch.randn_like(param)  # (as backward leaves them: fresh bf16 tensors)
         start = time.perf_counter()
-        if name == "before":
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        else:
+        if hasattr(optimizer, "clip_master_grads"):
             optimizer.clip_master_grads(1.0)
+        else:  # revisions before clip_master_grads: Trainer's clip_grad_norm_
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

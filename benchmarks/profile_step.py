@@ -15,6 +15,7 @@ import tempfile
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dpolab.allocator import cap_kernel_cache
 from dpolab.config import TrainConfig
 from dpolab.data import prepare_data
 from dpolab.model import disable_dropout, load_model, load_tokenizer, use_fused_gelu
@@ -41,6 +42,7 @@ def main() -> None:
                         "bf16: bf16 weights, fp32 master copy in the optimizer (dpolab's CPU bf16)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    cap_kernel_cache()  # as dpolab's CPU stage setup does
 
     config = TrainConfig(model=args.model, max_train_pairs=args.batch * (args.steps + 1), max_eval_pairs=1,
                          cache_dir=tempfile.mkdtemp(prefix="dpolab-prof-"), seed=0)

@@ -69,8 +69,10 @@ VARIANTS = ["dpolab", "trl_default", "trl_tuned"]
 # trl_tuned_no_cudnn: TRL tuned with the attention setting dpolab makes on CUDA (no cuDNN SDPA, see
 # dpolab.model.prepare_device), to show how much of the gap on a GPU that one setting is.
 # dpolab_padded / dpolab_packed: dpolab with batch_layout forced (what packing buys on each device).
+# dpolab_token_budget: dpolab with max_tokens_per_batch (--max-tokens-per-batch): with
+# --gradient-accumulation-steps > 1, the optimizer batch's pairs in as few forwards as the budget allows.
 EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32", "dpolab_padded", "dpolab_packed",
-                  "trl_tuned_no_cudnn"]
+                  "dpolab_token_budget", "trl_tuned_no_cudnn"]
 DEFAULT_STEPS = {"tiny-gpt2": 6, "gpt2-124m-random": 4}
 DEFAULT_BATCH = {"tiny-gpt2": 4, "gpt2-124m-random": 2}
 
@@ -154,6 +156,7 @@ class ProfileWindow:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from dpolab.allocator import cap_kernel_cache
     from dpolab.config import TrainConfig
     from dpolab.data import prepare_data
     from dpolab.model import disable_dropout, load_model, load_tokenizer, prepare_device, use_fused_gelu
@@ -163,14 +166,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch, steps, warmup, device = args.batch, args.steps, args.warmup, args.device
+    if device == "cpu" and args.variant.startswith("dpolab"):
+        cap_kernel_cache()  # as dpolab.stage_setup.setup_stage does on CPU, before any bf16 matmul
+    accumulation = args.gradient_accumulation_steps
+    max_tokens = args.max_tokens_per_batch if args.variant == "dpolab_token_budget" else None
     if args.variant == "dpolab_fp32":
         args.dtype = "fp32"
     cache = Path(tempfile.mkdtemp(prefix="dpolab-bench-cache-"))  # fresh: no reference cache hits, ours or TRL's
     config = TrainConfig(model=args.model, max_length=args.max_length, max_prompt_length=args.max_length // 2,
-                         per_device_train_batch_size=batch, max_train_pairs=(steps + warmup) * batch,
+                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                         max_train_pairs=(steps + warmup) * batch * accumulation,
                          max_eval_pairs=1, group_by_length=False, seed=0, learning_rate=5e-5,
                          max_steps=steps + warmup, dtype=args.dtype, device=device, cache_dir=str(cache),
-                         max_tokens_per_batch=args.max_tokens_per_batch, compile=args.compile)
+                         max_tokens_per_batch=max_tokens, compile=args.compile)
     tokenizer = load_tokenizer(config.model)
     train_set = prepare_data(config, tokenizer)[0]["train"]
     model = load_model(config.model)
@@ -183,13 +191,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile_dir:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
         callbacks.append(ProfileWindow(warmup, args.profile_dir / f"profile_{args.variant}.txt", device).callback)
-    common_args = dict(output_dir=str(cache / "out"), per_device_train_batch_size=batch, max_steps=steps + warmup,
+    common_args = dict(output_dir=str(cache / "out"), per_device_train_batch_size=batch,
+                       gradient_accumulation_steps=accumulation, max_steps=steps + warmup,
                        learning_rate=config.learning_rate, seed=0, data_seed=0, report_to="none",
                        save_strategy="no", eval_strategy="no", logging_steps=10_000, use_cpu=device == "cpu",
                        remove_unused_columns=False, train_sampling_strategy="random", dataloader_num_workers=0,
                        disable_tqdm=True)
     bf16 = args.dtype == "bf16"
-    result: dict[str, Any] = {"variant": args.variant, "model": args.model, "batch": batch, "steps": steps,
+    result: dict[str, Any] = {"variant": args.variant, "model": args.model, "batch": batch,
+                              "gradient_accumulation_steps": accumulation, "max_tokens_per_batch": max_tokens,
+                              "steps": steps,
                               "warmup": warmup, "max_length": args.max_length, "threads": torch.get_num_threads(),
                               "device": device, "dtype": args.dtype,
                               "flops_per_token": _flops_per_token(model, train_set)}
@@ -245,15 +256,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if args.variant != "trl_default":
             result["reference_s"] = time.perf_counter() - start  # the precompute pass is most of __init__
         result.update(gradient_checkpointing=dpo_args.gradient_checkpointing, bf16=dpo_args.bf16)
-    result["autocast"] = _probe_autocast(trainer, device)
-    # The dtype its matmuls run in: the GEMM rate its model FLOP rate is measured against.
-    result["compute_dtype"] = "bf16" if result.get("bf16_weights") or result["autocast"] == str(torch.bfloat16) else "fp32"
+    autocast_seen = _watch_autocast(model, device)
     timer.trainer = trainer
     run = RunFolder.create(cache / "run", {"benchmark": "train_throughput"})
     sampler_start = time.monotonic()
     with SystemSampler(run, interval_s=0.25 if device == "cuda" else 2.0):  # NVML power/energy -> system.jsonl
         trainer.train()
     result.update(timer.measured())
+    result["autocast"] = autocast_seen[0] if autocast_seen else None
+    # The dtype its matmuls run in: the GEMM rate its model FLOP rate is measured against.
+    result["compute_dtype"] = "bf16" if result.get("bf16_weights") or result["autocast"] == str(torch.bfloat16) else "fp32"
     window = [t - sampler_start for t in result.pop("window_monotonic")]
     result.update(_power_in_window(run.system(), window, result))
     result["reference_pairs"] = len(train_set)
@@ -312,13 +324,20 @@ def _power_in_window(rows: list[dict[str, Any]], window: list[float], result: di
     return out
 
 
-def _probe_autocast(trainer, device: str) -> str | None:
-    """What bf16=True does: the dtype Trainer's autocast context enables on ``device``, or None."""
+def _watch_autocast(model, device: str) -> list[str | None]:
+    """A list that the model's first forward fills with the autocast dtype active inside it (or
+    None): what ``bf16=True`` really does, wherever Trainer or accelerate enters the context."""
     import torch
 
-    with trainer.compute_loss_context_manager():
-        enabled = torch.is_autocast_enabled(device)
-        return str(torch.get_autocast_dtype(device)) if enabled else None
+    seen: list[str | None] = []
+
+    def record(module, args) -> None:
+        if not seen:
+            enabled = torch.is_autocast_enabled(device)
+            seen.append(str(torch.get_autocast_dtype(device)) if enabled else None)
+
+    model.get_input_embeddings().register_forward_pre_hook(record)
+    return seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +363,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         worker_args = ["--variant", variant, "--model", model, "--steps", str(steps), "--warmup", str(args.warmup),
                        "--batch", str(batch), "--max-length", str(args.max_length), "--device", args.device,
                        "--dtype", args.dtype]
-        if args.max_tokens_per_batch:
-            worker_args += ["--max-tokens-per-batch", str(args.max_tokens_per_batch)]
+        worker_args += ["--gradient-accumulation-steps", str(args.gradient_accumulation_steps),
+                        "--max-tokens-per-batch", str(args.max_tokens_per_batch)]
         if args.compile:
             worker_args += ["--compile"]
         if args.threads:
@@ -381,12 +400,14 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             rows = [r for r in runs if r["model"] == model and r["variant"] == variant]
             per_variant[variant] = {k: summarize([r[k] for r in rows]) for k in keys
                                     if all(r.get(k) is not None for r in rows)}
+        # dpolab against each TRL variant, and each other dpolab variant against dpolab.
+        pairs = [("dpolab", other) for other in ("trl_default", "trl_tuned", "trl_tuned_no_cudnn")]
+        pairs += [(variant, "dpolab") for variant in per_variant if variant.startswith("dpolab_")]
         ratios = {}
-        ours = per_variant.get("dpolab")
-        for other in ("trl_default", "trl_tuned", "trl_tuned_no_cudnn"):
-            if ours and other in per_variant:
-                theirs = per_variant[other]
-                ratios[f"dpolab_vs_{other}"] = {
+        for ours_name, theirs_name in pairs:
+            ours, theirs = per_variant.get(ours_name), per_variant.get(theirs_name)
+            if ours and theirs:
+                ratios[f"{ours_name}_vs_{theirs_name}"] = {
                     "pairs_per_s": ours["pairs_per_s"]["median"] / theirs["pairs_per_s"]["median"],
                     "amortised_pairs_per_s": (ours["amortised_pairs_per_s"]["median"]
                                               / theirs["amortised_pairs_per_s"]["median"]),
@@ -441,8 +462,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: dpolab on CPU trains bf16 weights (fp32 master copy), on GPU autocast; TRL "
                         "tuned: Trainer's bf16 (autocast); TRL defaults keep DPOConfig's bf16=True")
-    parser.add_argument("--max-tokens-per-batch", type=int, default=None,
-                        help="dpolab variants: TrainConfig.max_tokens_per_batch (micro-batches by tokens)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                        help="micro-batches of --batch pairs per optimizer step (every variant)")
+    parser.add_argument("--max-tokens-per-batch", type=int, default=4096,
+                        help="the dpolab_token_budget variant's TrainConfig.max_tokens_per_batch: each optimizer "
+                        "batch (batch x accumulation pairs) in the fewest forwards of at most this many tokens")
     parser.add_argument("--compile", action="store_true",
                         help="dpolab variants: TrainConfig.compile (torch.compile, length buckets); the warm-up "
                         "steps must cover the compilation")

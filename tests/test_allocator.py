@@ -1,38 +1,41 @@
-"""The C heap does not keep what a loop of changing tensor shapes frees (dpolab.allocator)."""
+"""oneDNN's bf16 kernel cache is capped for CPU training (dpolab.allocator), unless the user set it."""
 
-import platform
+import os
 import subprocess
 import sys
 
 import pytest
 
-# A freed 26 MB block (a head chunk's logits) raises glibc's mmap threshold; then 150 "steps" of
-# 2-6 MB tensors whose sizes change every step, each leaving 16 KiB behind (metrics, caches).
-LOOP = """
-import sys, torch
-from dpolab.allocator import limit_heap_growth
-def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-if sys.argv[1] == "limited":
-    assert limit_heap_growth()
-torch.ones(26 << 20, dtype=torch.uint8)
-start = rss_mb()
-kept = []
-for step in range(150):
-    batch = torch.ones((2 + step % 5) << 20 | step * 4096, dtype=torch.uint8)
-    kept.append(torch.ones(16 << 10, dtype=torch.uint8))
-    del batch
-print(rss_mb() - start)
+from dpolab.allocator import ONEDNN_CACHE_ENV, ONEDNN_CACHE_KERNELS
+
+# 200 bf16 matmuls of new shapes, then the first shape again: oneDNN reports whether that kernel
+# came from its cache (ONEDNN_VERBOSE=profile_create prints one "create:cache_hit|miss" line each).
+LOOP = f"""
+import torch
+from dpolab.allocator import cap_kernel_cache
+cap_kernel_cache()
+w = torch.randn(64, 64, dtype=torch.bfloat16)
+for m in [*range(8, 8 + {ONEDNN_CACHE_KERNELS} + 72), 8]:
+    torch.randn(m, 64, dtype=torch.bfloat16) @ w
 """
 
 
-def rss_growth_mb(mode: str) -> float:
-    proc = subprocess.run([sys.executable, "-c", LOOP, mode], capture_output=True, text=True, check=True, timeout=120)
-    return float(proc.stdout)
+def last_kernel_lookup(user_setting: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_ENV}
+    env["ONEDNN_VERBOSE"] = "profile_create"
+    if user_setting is not None:
+        env[ONEDNN_CACHE_ENV] = user_setting
+    proc = subprocess.run([sys.executable, "-c", LOOP], capture_output=True, text=True, check=True, timeout=120,
+                          env=env)
+    lookups = [line.split(",")[3] for line in (proc.stdout + proc.stderr).splitlines()
+               if ",primitive,create:cache_" in line and ",matmul," in line]
+    if len(lookups) < ONEDNN_CACHE_KERNELS:
+        pytest.skip("bf16 matmuls do not run on oneDNN kernels on this CPU: nothing to cap")
+    return lookups[-1]
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
-def test_changing_tensor_shapes_do_not_grow_resident_memory():
-    # Without the limit the same loop grew RSS by 200 MB in 6 of 8 runs (18 MB in the others,
-    # when the first block's free did not raise the threshold).
-    assert rss_growth_mb("limited") < 6  # what the loop keeps: 150 x 16 KiB = 2.3 MB
+def test_kernel_cache_keeps_the_last_128_shapes_and_the_users_setting_wins():
+    # Capped: 200 newer shapes evicted the first one's kernel, so it is built again.
+    assert last_kernel_lookup(None) == "create:cache_miss"
+    # The user's own setting is kept: with room for 1,024 kernels the first one is still there.
+    assert last_kernel_lookup("1024") == "create:cache_hit"

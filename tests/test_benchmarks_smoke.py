@@ -30,8 +30,9 @@ def _run(script: str, args: list[str], out: Path) -> dict:
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
     pytest.importorskip("trl")
-    data = _run("train_throughput.py", ["--models", "tiny-gpt2", "--variants", "dpolab", "trl_tuned", "--repeats",
-                                        "1", "--steps", "1", "--warmup", "1", "--batch", "2", "--max-length", "128",
+    data = _run("train_throughput.py", ["--models", "tiny-gpt2", "--variants", "dpolab", "trl_tuned",
+                                        "dpolab_token_budget", "--repeats", "1", "--steps", "1", "--warmup", "1",
+                                        "--batch", "2", "--gradient-accumulation-steps", "2", "--max-length", "128",
                                         "--max-tokens-per-batch", "256", "--profile-dir", str(tmp_path / "profile")],
                 tmp_path / "train.json")
     for variant in ("dpolab", "trl_tuned"):  # torch.profiler's op table, then cProfile's Python functions
@@ -39,9 +40,10 @@ def test_train_throughput_smoke(tmp_path):
         assert "Self CPU time total" in table and "aten::mm" in table and "cumulative" in table, variant
     assert "dpolab/dpo/trainer.py" in (tmp_path / "profile" / "profile_dpolab.txt").read_text()
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["cpu_model"]
-    assert {r["variant"] for r in data["runs"]} == {"dpolab", "trl_tuned"}
+    assert {r["variant"] for r in data["runs"]} == {"dpolab", "trl_tuned", "dpolab_token_budget"}
     for run in data["runs"]:
-        assert run["measured_steps"] == 1 and run["pairs"] == 2
+        assert run["measured_steps"] == 1 and run["pairs"] == 4  # 2 micro-batches of 2 pairs, or one budget
+        assert run["max_tokens_per_batch"] == (256 if run["variant"] == "dpolab_token_budget" else None)
         for key in ("pairs_per_s", "tokens_per_s", "amortised_pairs_per_s", "peak_rss_mb", "reference_s"):
             assert run[key] > 0, key
         assert run["amortised_pairs_per_s"] < run["pairs_per_s"]  # the reference pass costs something
@@ -59,7 +61,9 @@ def test_train_throughput_smoke(tmp_path):
     table = markdown_table(data)
     assert "GEMM rate, GPT-2 shapes" in table and "of GEMM rate (its dtype)" in table
     assert f"{variants['dpolab']['gemm_share']['median']:.1%}" in table
-    assert data["summary"]["tiny-gpt2"]["ratios"]["dpolab_vs_trl_tuned"]["pairs_per_s"] > 0
+    ratios = data["summary"]["tiny-gpt2"]["ratios"]
+    assert ratios["dpolab_vs_trl_tuned"]["pairs_per_s"] > 0 and ratios["dpolab_token_budget_vs_dpolab"]["pairs_per_s"] > 0
+    assert "dpolab_token_budget_vs_dpolab" in table
 
 
 def test_packed_attention_smoke(tmp_path):

@@ -1,35 +1,28 @@
-"""Keep the C heap from growing step after step (glibc's malloc, Linux).
+"""Bound the memory oneDNN keeps for bf16 matmul kernels on CPU.
 
-glibc serves a large allocation with its own ``mmap`` (returned to the system on free) only above
-a threshold, and by default raises that threshold to the size of every such block freed, up to
-32 MiB. After the first free of a head chunk's (128, 50,257) logits (26 MB) every tensor up to that
-size comes from the heap instead, and a training loop whose batches change shape every step (packed
-rows, length-grouped pairs) leaves the heap fragmented: freed space the next shapes do not fit, kept
-resident. Measured in `make demo` (benchmarks/memory_profile.py): RSS grew ~15 MB a step, through
-SFT, the reference pass and each trial, to 4.4 GB for a 3.4M-parameter model. A fixed threshold of
-1 MiB keeps every tensor above it in its own mapping, returned on free.
+oneDNN builds (JIT-compiles) a bf16 matmul kernel for every new shape and keeps it in a cache of
+1,024 kernels by default, about 1 MB each. A training step whose batch length changes every step
+(packed rows, length-grouped pairs) brings a dozen new shapes, so a CPU bf16 run's resident memory
+grew with the number of distinct batch lengths it had seen. Measured (BENCHMARKS.md, memory) on
+`make demo` forced to bf16: peak RSS 3,463 MB uncapped, 2,883 MB capped at 128 kernels (7% more
+time, one run each); on GPT-2 124M, 60 steps: 4,691 against 4,105 MB (3% more time). Evicted
+kernels are rebuilt when their shape returns, which for lengths that change every step is what
+happens anyway.
+
+(A fixed glibc mmap threshold, tried before this, cut the same demo's peak by 20% but cost 1.98x
+its time in page faults.)
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
+import os
 
-logger = logging.getLogger(__name__)
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_KERNELS = 128
 
 
-def limit_heap_growth() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB for this process (no-op elsewhere); True if set."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
-        return False
-    if mallopt is None:
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+def cap_kernel_cache() -> None:
+    """Cap oneDNN's kernel cache at :data:`ONEDNN_CACHE_KERNELS` for this process, unless the
+    user set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``. oneDNN reads the setting once, on its first
+    use: call this before the process's first bf16 matmul (no effect after it)."""
+    os.environ.setdefault(ONEDNN_CACHE_ENV, str(ONEDNN_CACHE_KERNELS))

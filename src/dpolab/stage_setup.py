@@ -30,7 +30,7 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import dpolab
-from dpolab.allocator import limit_heap_growth
+from dpolab.allocator import cap_kernel_cache
 from dpolab.config import TrainConfig
 from dpolab.data import DataReport, bind_template, default_cache_dir, prepare_data
 from dpolab.data.templates import Formatter
@@ -135,6 +135,10 @@ def setup_stage(config: TrainConfig, recorded: dict[str, Any] | None = None) -> 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = prepare_device(config.device)
+    if device == "cpu":
+        # oneDNN keeps a bf16 kernel per batch shape: at most 128 of them. Set before the dtype
+        # probe's bf16 steps, since oneDNN reads the setting once, on first use.
+        cap_kernel_cache()
     tokenizer = load_tokenizer(config.model)
     formatter = bind_template(tokenizer, config.chat_template)  # saved with the model: serve renders chats the same way
     model = load_model(config.model, quantization_config=quantization_config(config, device))
@@ -150,10 +154,6 @@ def setup_stage(config: TrainConfig, recorded: dict[str, Any] | None = None) -> 
         dtype, dtype_choice = resolve_dtype(config, device, model, datasets["train"], collate)
     if uses_bf16_weights(device, dtype):
         model.to(torch.bfloat16)  # the reference pass scores with the same bf16 weights the policy starts from
-        # CPU bf16's heap grew with every new batch shape (4.4 GB in the demo): tensors above 1 MiB
-        # go back to the system when freed. Not for fp32, where it measured 1.42x the demo's time
-        # (page faults) for 19% less peak memory (BENCHMARKS.md, memory).
-        limit_heap_growth()
     # Under torchrun / accelerate launch each process trains on its own GPU.
     target = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device
     if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed by from_pretrained

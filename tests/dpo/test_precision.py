@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dpolab import stage_setup
+from dpolab import precision, stage_setup
 from dpolab.data import prepare_data
 from dpolab.errors import ConfigError
 from dpolab.model import build_builtin, load_tokenizer
@@ -118,9 +118,12 @@ def test_the_probe_times_whole_steps_and_leaves_the_model_as_it_was():
     assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_clipping_on_the_masters_matches_clip_grad_norm_and_adamw_in_fp32():
+@pytest.mark.parametrize("step_slice", [precision.STEP_SLICE, 5])
+def test_clipping_on_the_masters_matches_clip_grad_norm_and_adamw_in_fp32(step_slice, monkeypatch):
     """Two steps with clipping: the masters follow fp32 AdamW on the bf16 gradients cast up and
-    clipped by torch's clip_grad_norm_ (the buffers kept across steps hold each step's own gradients)."""
+    clipped by torch's clip_grad_norm_. With slices of 5 elements every tensor (64 and 16 weights,
+    8 and 2 biases) is updated in several slices, a last short one included."""
+    monkeypatch.setattr(precision, "STEP_SLICE", step_slice)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).to(torch.bfloat16)
     reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
@@ -134,7 +137,7 @@ def test_clipping_on_the_masters_matches_clip_grad_norm_and_adamw_in_fp32():
         expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
         norm = optimizer.clip_master_grads(0.1)
         assert norm > 0.1  # it clipped
-        torch.testing.assert_close(norm, expected_norm)
+        torch.testing.assert_close(norm, expected_norm, rtol=4e-3, atol=0)  # each tensor's norm rounded to bf16
         optimizer.step()
         reference_optimizer.step()
         optimizer.zero_grad()
@@ -142,3 +145,4 @@ def test_clipping_on_the_masters_matches_clip_grad_norm_and_adamw_in_fp32():
         for master, param, ref in zip(optimizer.masters(), model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(master, ref.detach())
             assert torch.equal(param.detach(), master.to(torch.bfloat16))
+            assert master.grad is None  # no fp32 gradient copy is ever made

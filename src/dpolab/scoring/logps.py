@@ -5,7 +5,8 @@ A causal LM's head turns every position into a vocabulary-sized row of logits: (
 positions whose log-probs DPO never uses. Here the transformer body runs as usual, then the
 head is applied only at answer-token positions, in chunks of ``chunk_size`` tokens, by a custom
 autograd function that keeps no logits for backward (it recomputes one chunk at a time). Peak
-extra memory is (chunk_size, V) instead of (B, T, V).
+extra memory is (chunk_size, V) in the forward and a block of at most 64 MiB of logits gradients in
+the backward, instead of (B, T, V).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+# The backward pass keeps the gradient of up to this many bytes of logits rows and multiplies them
+# by the hidden states in one GEMM: a large reduction dimension instead of one per chunk, and when
+# one block covers every row the head's weight gradient comes out of that GEMM directly, with no
+# fp32 (V, H) accumulator to zero, add into and cast back.
+WEIGHT_GRAD_BLOCK_BYTES = 64 << 20
+# oneDNN builds (JITs) a bf16/fp16 matmul kernel for every new shape on CPU, 15-30 ms each for the
+# head's shapes: answer rows are padded to a multiple of this so a few shapes cover every step.
+CPU_REDUCED_ROW_BUCKET = 32
 
 
 class _AnswerTokenLogProbs(torch.autograd.Function):
@@ -48,28 +58,54 @@ class _AnswerTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_token_logps, _grad_log_sum_sq):  # (N,)
         hidden, weight, targets, logsumexp = ctx.saved_tensors
-        weight_c = weight.to(ctx.compute_dtype)
+        n_tokens, chunk_size, compute_dtype = hidden.shape[0], ctx.chunk_size, ctx.compute_dtype
+        weight_c = weight.to(compute_dtype)
+        vocab = weight.shape[0]
+        block_rows = weight_grad_block_rows(weight, chunk_size, compute_dtype.itemsize)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            hidden_c = hidden[start:end].to(ctx.compute_dtype)  # (n, H)
-            logits = (hidden_c @ weight_c.T).float()  # (n, V)
-            # d log p[target] / d logits = onehot(target) - softmax(logits)
-            # In place on the fresh chunk: one (n, V) buffer instead of three.
-            grad_logits = logits.sub_(logsumexp[start:end, None]).exp_().mul_(-grad_token_logps[start:end, None])
-            rows = torch.arange(end - start, device=hidden.device)
-            grad_logits[rows, targets[start:end]] += grad_token_logps[start:end]
-            grad_logits = grad_logits.to(ctx.compute_dtype)
+        grad_weight = None  # (V, H): one block's product, or an fp32 sum over blocks
+        for block_start in range(0, n_tokens, block_rows):
+            block_end = min(block_start + block_rows, n_tokens)
+            hidden_c = hidden[block_start:block_end].to(compute_dtype)  # (n, H)
+            grad_logits_block = torch.empty(block_end - block_start, vocab, dtype=compute_dtype,
+                                            device=hidden.device)  # (n, V)
+            for start in range(block_start, block_end, chunk_size):
+                end = min(start + chunk_size, block_end)
+                rows = slice(start - block_start, end - block_start)
+                logits = (hidden_c[rows] @ weight_c.T).float()  # (c, V)
+                # d log p[target] / d logits = onehot(target) - softmax(logits)
+                # In place on the fresh chunk: one (c, V) buffer instead of three.
+                grad_logits = logits.sub_(logsumexp[start:end, None]).exp_().mul_(-grad_token_logps[start:end, None])
+                grad_logits[torch.arange(end - start, device=hidden.device), targets[start:end]] += (
+                    grad_token_logps[start:end])
+                grad_logits_block[rows] = grad_logits
             if grad_hidden is not None:
-                grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)  # (n, H)
-            if ctx.compute_dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, hidden_c)  # (V, H), in place: no (V, H) temporary
+                grad_hidden[block_start:block_end] = (grad_logits_block @ weight_c).to(hidden.dtype)  # (n, H)
+            if not ctx.needs_input_grad[1]:  # a frozen head (LoRA): no (V, H) product at all
+                continue
+            if grad_weight is not None and compute_dtype == torch.float32:
+                grad_weight.addmm_(grad_logits_block.T, hidden_c)  # in place: no (V, H) temporary
+                continue
+            # bf16/fp16: the matmul units' fast path, products accumulated in fp32 inside the kernel
+            # and rounded once per block; several blocks are summed in fp32.
+            block_grad = grad_logits_block.T @ hidden_c  # (V, H)
+            if grad_weight is None:
+                grad_weight = block_grad if block_end == n_tokens else block_grad.float()
             else:
-                # bf16/fp16: the matmul units' fast path (products accumulated in fp32 inside the
-                # kernel, rounded once per chunk), summed over chunks in fp32.
-                grad_weight.add_(grad_logits.T @ hidden_c)  # (V, H)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+                grad_weight.add_(block_grad)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def weight_grad_block_rows(weight: torch.Tensor, chunk_size: int, itemsize: int) -> int:
+    """Rows of logits gradient per weight-gradient GEMM in the head's backward: a multiple of
+    ``chunk_size``, at most :data:`WEIGHT_GRAD_BLOCK_BYTES`, and never more memory than the fp32
+    (V, H) sum that one block for all rows saves (a small model's head: one chunk per block).
+
+    weight: (V, H) the head; itemsize: bytes per element of the compute dtype."""
+    block_bytes = min(WEIGHT_GRAD_BLOCK_BYTES, weight.numel() * 4)
+    return max(1, block_bytes // (weight.shape[0] * itemsize) // chunk_size) * chunk_size
 
 
 def answer_token_logps(
@@ -100,8 +136,15 @@ def answer_token_stats(
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = hidden.dtype
+    n_tokens = hidden.shape[0]
+    if device_type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16):
+        padding = -n_tokens % CPU_REDUCED_ROW_BUCKET  # zero rows: their log-probs are dropped below
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padding))  # (N + padding, H)
+        targets = torch.nn.functional.pad(targets, (0, padding))  # (N + padding,)
     with torch.autocast(device_type=device_type, enabled=False):
-        return _AnswerTokenLogProbs.apply(hidden, lm_head_weight, targets, chunk_size, compute_dtype, sum_sq)
+        token_logps, log_sum_sq = _AnswerTokenLogProbs.apply(
+            hidden, lm_head_weight, targets, chunk_size, compute_dtype, sum_sq)
+    return token_logps[:n_tokens], log_sum_sq[:n_tokens]
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128) -> torch.Tensor:
