@@ -71,8 +71,9 @@ VARIANTS = ["dpolab", "trl_default", "trl_tuned"]
 # dpolab_padded / dpolab_packed: dpolab with batch_layout forced (what packing buys on each device).
 # dpolab_token_budget: dpolab with max_tokens_per_batch (--max-tokens-per-batch): with
 # --gradient-accumulation-steps > 1, the optimizer batch's pairs in as few forwards as the budget allows.
+# dpolab_compile: dpolab with compile: true (torch.compile, length buckets); --warmup must cover compiling.
 EXTRA_VARIANTS = ["dpolab_python_gelu", "dpolab_autocast", "dpolab_fp32", "dpolab_padded", "dpolab_packed",
-                  "dpolab_token_budget", "trl_tuned_no_cudnn"]
+                  "dpolab_token_budget", "dpolab_compile", "trl_tuned_no_cudnn"]
 DEFAULT_STEPS = {"tiny-gpt2": 6, "gpt2-124m-random": 4}
 DEFAULT_BATCH = {"tiny-gpt2": 4, "gpt2-124m-random": 2}
 
@@ -178,7 +179,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                          max_train_pairs=(steps + warmup) * batch * accumulation,
                          max_eval_pairs=1, group_by_length=False, seed=0, learning_rate=5e-5,
                          max_steps=steps + warmup, dtype=args.dtype, device=device, cache_dir=str(cache),
-                         max_tokens_per_batch=max_tokens, compile=args.compile)
+                         max_tokens_per_batch=max_tokens, compile=args.variant == "dpolab_compile")
     tokenizer = load_tokenizer(config.model)
     train_set = prepare_data(config, tokenizer)[0]["train"]
     model = load_model(config.model)
@@ -365,8 +366,6 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                        "--dtype", args.dtype]
         worker_args += ["--gradient-accumulation-steps", str(args.gradient_accumulation_steps),
                         "--max-tokens-per-batch", str(args.max_tokens_per_batch)]
-        if args.compile:
-            worker_args += ["--compile"]
         if args.threads:
             worker_args += ["--threads", str(args.threads)]
         if args.profile_dir:
@@ -467,9 +466,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens-per-batch", type=int, default=4096,
                         help="the dpolab_token_budget variant's TrainConfig.max_tokens_per_batch: each optimizer "
                         "batch (batch x accumulation pairs) in the fewest forwards of at most this many tokens")
-    parser.add_argument("--compile", action="store_true",
-                        help="dpolab variants: TrainConfig.compile (torch.compile, length buckets); the warm-up "
-                        "steps must cover the compilation")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="write each variant's torch.profiler tables over the measured steps here "

@@ -208,7 +208,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_doc("(str, 'auto'): 'auto', 'cuda', 'mps' or 'cpu'."))
     dtype: str = field(default="auto", metadata=_doc(
         "(str, 'auto'): 'auto' (bf16 on a bf16 GPU, or on a CPU with AMX/AVX-512 BF16 where a probe of this "
-        "model's own training step finds bf16 at least 1.15x faster, verdict cached; else fp32; "
+        "model's own training step finds bf16 at least 1.4x faster, verdict cached; else fp32; "
         "DPOLAB_AUTO_DTYPE=bf16|fp32 overrides the probe), 'bf16', 'fp16' or 'fp32'. What it resolved to is "
         "recorded in run.json. CPU bf16 trains bf16 weights with an fp32 master copy in the optimizer; GPU "
         "bf16 is autocast over fp32 weights."))

@@ -54,9 +54,11 @@ logger = logging.getLogger(__name__)
 # `dtype: auto` on a CPU: this environment variable, when set to bf16 or fp32, replaces the probe's
 # verdict (CI runs the CLI-level tests once more with bf16, as an AMX CPU would choose).
 AUTO_DTYPE_ENV = "DPOLAB_AUTO_DTYPE"
-# bf16 must make the model's own training step this much faster to be chosen: below it the
-# difference is within run-to-run noise and fp32 (exact, no master copy) wins.
-BF16_MIN_SPEEDUP = 1.15
+# bf16 must make the model's own training step this much faster to be chosen. The probe of one
+# model on one quiet AMX CPU ranged 0.85-1.26x between fresh runs (tiny-gpt2's DPO step), and a CPU
+# bf16 run holds about twice fp32's memory (oneDNN's per-shape kernels and buffers: `make demo`
+# 2.9 against 1.3 GB) for no gain in wall time at that ratio; GPT-2 124M measures 1.55-1.75x.
+BF16_MIN_SPEEDUP = 1.4
 PROBE_TOKENS = 384  # tokens of real training data in each probe step (about one packed row)
 PROBE_REPEATS = 2  # timed steps per precision, each on a batch of its own length
 
@@ -227,8 +229,9 @@ def resolve_dtype(config: TrainConfig, device: str, model: torch.nn.Module, trai
 
 
 def probe_key(model: torch.nn.Module, packed: bool) -> str:
-    """What the probe's verdict depends on: this CPU, its threads, torch, the architecture."""
-    parts = [cpu_model_name(), cpu_bf16_flags(), torch.get_num_threads(), torch.__version__,
+    """What the probe's verdict depends on: this CPU, its threads, torch, dpolab (whose bf16 step it
+    times), the architecture."""
+    parts = [cpu_model_name(), cpu_bf16_flags(), torch.get_num_threads(), torch.__version__, dpolab.__version__,
              model.config.to_json_string(use_diff=False), packed, PROBE_TOKENS, BF16_MIN_SPEEDUP]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 

@@ -72,13 +72,17 @@ class _AnswerTokenLogProbs(torch.autograd.Function):
             for start in range(block_start, block_end, chunk_size):
                 end = min(start + chunk_size, block_end)
                 rows = slice(start - block_start, end - block_start)
-                logits = (hidden_c[rows] @ weight_c.T).float()  # (c, V)
+                if compute_dtype == torch.float32:  # the logits go straight into the block
+                    logits = torch.mm(hidden_c[rows], weight_c.T, out=grad_logits_block[rows])  # (c, V)
+                else:  # the softmax in fp32, the result rounded into the block below
+                    logits = (hidden_c[rows] @ weight_c.T).float()  # (c, V)
                 # d log p[target] / d logits = onehot(target) - softmax(logits)
-                # In place on the fresh chunk: one (c, V) buffer instead of three.
+                # In place: one (c, V) buffer instead of three.
                 grad_logits = logits.sub_(logsumexp[start:end, None]).exp_().mul_(-grad_token_logps[start:end, None])
                 grad_logits[torch.arange(end - start, device=hidden.device), targets[start:end]] += (
                     grad_token_logps[start:end])
-                grad_logits_block[rows] = grad_logits
+                if compute_dtype != torch.float32:
+                    grad_logits_block[rows] = grad_logits
             if grad_hidden is not None:
                 grad_hidden[block_start:block_end] = (grad_logits_block @ weight_c).to(hidden.dtype)  # (n, H)
             if not ctx.needs_input_grad[1]:  # a frozen head (LoRA): no (V, H) product at all
