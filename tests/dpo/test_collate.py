@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpolab.errors import ConfigError
-from dpolab.model import build_builtin, disable_dropout, load_tokenizer
+from dpolab.model import build_builtin, disable_dropout, load_tokenizer, prepare_device
 from dpolab.scoring.collate import PreferenceCollator, batch_tokens, choose_packed, packs_correctly
 from dpolab.scoring.logps import answer_lengths, concatenated_forward
 from tests.chat_model import build_chat_model
@@ -84,6 +84,29 @@ def test_packed_equals_padded_on_real_pairs_gpt2(tokenizer, row_tokens):
     assert torch.allclose(packed_logps, padded_logps, rtol=1e-5, atol=1e-4)
     for name, grad in padded_grads.items():
         assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU here: the packed path on a GPU (block-diagonal mask from packed "
+                    "position ids, the flash / memory-efficient SDPA kernels) is checked where one exists")
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_packed_equals_padded_on_a_gpu(tokenizer, dtype, tolerance):
+    """What `batch_layout: packed` runs on a GPU, fp32 and under bf16 autocast (GPU bf16 training),
+    with the attention settings a GPU stage makes (`prepare_device`: no cuDNN attention)."""
+    prepare_device("cuda")
+    model = build_builtin("tiny-gpt2").to("cuda")
+    disable_dropout(model)
+    pairs = real_pairs(tokenizer, 6)
+    results = []
+    for collate in (PreferenceCollator(tokenizer.pad_token_id), PreferenceCollator(tokenizer.pad_token_id, packed=True,
+                                                                                    row_tokens=300)):
+        batch = {k: v.to("cuda") for k, v in collate(pairs).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            results.append(logps_and_grads(model, batch))
+    (padded_logps, padded_grads), (packed_logps, packed_grads) = results
+    assert torch.allclose(packed_logps, padded_logps, rtol=tolerance, atol=10 * tolerance)
+    for name, grad in padded_grads.items():  # relative to each tensor's norm: bf16 rounds every element
+        assert (packed_grads[name] - grad).norm() <= tolerance * grad.norm() + 1e-6, name
 
 
 def test_packed_equals_padded_on_a_rope_chat_model(tmp_path, tokenizer):
