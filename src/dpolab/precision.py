@@ -40,10 +40,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
     The update is one pass over memory, slice by slice: cast a slice of the bf16 gradient into a
     small fp32 scratch buffer, run torch's fused AdamW kernel on that slice of master and moments
     (clipping folded in as its gradient scale), round the fresh master slice into the model's
-    weight. No full-size fp32 gradient exists (4 bytes per weight less memory), and nothing
-    full-size is read twice. :meth:`clip_master_grads` takes the norm on the bf16 gradients,
-    accumulated in fp32, in one foreach call (``clip_grad_norm_`` has no foreach path on CPU:
-    a norm and a multiply per tensor).
+    weight. No full-size fp32 gradient exists (4 bytes per weight less memory), and each
+    full-size tensor is read once, the bf16 gradients twice with clipping.
+    :meth:`clip_master_grads` takes the norm on the bf16 gradients in one foreach call
+    (``clip_grad_norm_`` has no foreach path on CPU: a norm and a multiply per tensor).
     """
 
     def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
