@@ -113,9 +113,9 @@ def test_sft_then_dpo_through_the_cli(tmp_path):
     summary = dpo.summary()
     assert summary["reference_key"].startswith(f"{sft_weights}-")  # the reference is the SFT model
     # The policy starts at its reference, the SFT model: margin 0 up to the rounding of sums of
-    # log-probs (~-2,000 per answer) taken in other batch groupings. Usually exact in fp32, but once
-    # in a full-suite run 4.9e-5: one or two ulps of one pair's sum (x beta 0.1, averaged over the batch).
-    # A wrong reference gives margins of 0.1 and more.
+    # log-probs (hundreds of nats per answer) taken in other batch groupings. Usually exact in fp32,
+    # once 4.9e-5 in a full-suite run: a few ulps of one pair's sums, times beta, averaged over the
+    # batch. A wrong reference gives margins of 0.1 and more.
     first_margin = dpo.metrics("train")[0]["rewards/margins"]
     assert first_margin == pytest.approx(0.0, abs=1e-4)
     info = dpo.info()
