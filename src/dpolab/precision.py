@@ -103,8 +103,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
             state["exp_avg"] = torch.zeros_like(master)
             state["exp_avg_sq"] = torch.zeros_like(master)
         state["step"] += 1  # the fused kernel reads the step count; it does not advance it
-        if self._scratch.numel() < min(master.numel(), STEP_SLICE):
-            self._scratch = torch.empty(min(master.numel(), STEP_SLICE), dtype=torch.float32)
+        slice_size = min(master.numel(), STEP_SLICE)
+        if self._scratch.numel() < slice_size:
+            self._scratch = torch.empty(slice_size, dtype=torch.float32)
         flat = [t.view(-1) for t in (master, state["exp_avg"], state["exp_avg_sq"], param)]
         grad = param.grad.reshape(-1)
         for start in range(0, grad.numel(), STEP_SLICE):
